@@ -1,0 +1,142 @@
+"""The `lorabox` command: each subcommand parses, calls one library function and renders.
+
+Errors: a LoraboxError (or a plain OS error) becomes one line on stderr and its exit code; `--debug`
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+
+
+def _fail(exc: BaseException) -> None:
+    from .errors import LoraboxError
+
+    if isinstance(exc, LoraboxError):
+        click.echo(f"lorabox: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    if isinstance(exc, (OSError, MemoryError)):
+        click.echo(f"lorabox: error: {exc}", err=True)
+        sys.exit(2)
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo("lorabox: interrupted; nothing was written.", err=True)
+        sys.exit(130)
+    click.echo(f"lorabox: internal error: {type(exc).__name__}: {exc}. Run again with --debug and report it.",
+               err=True)
+    sys.exit(70)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the one place errors become messages
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            _fail(exc)
+
+
+arch_option = click.option("--arch", type=click.Choice(["sd15", "sdxl", "flux1"]), default=None,
+                           help="Architecture, when the keys alone cannot tell.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.version_option(__version__, prog_name="lorabox")
+@click.pass_context
+def main(ctx, debug):
+    """Convert, inspect, merge and check LoRA files for diffusion models.
+
+    \b
+    Example:
+      lorabox inspect my_lora.safetensors
+      lorabox convert my_lora.safetensors --to comfyui
+    """
+    ctx.obj = {"debug": debug}
+
+
+@main.command("inspect")
+@click.argument("file", type=click.Path())
+@arch_option
+@json_option
+def inspect_cmd(file, arch, as_json):
+    """Describe a LoRA file: architecture, dialect, ranks, alphas, targeted blocks.
+
+    \b
+    Example:
+      lorabox inspect lora.safetensors --json
+    """
+    from .summary import inspect_file
+
+    info = inspect_file(file, arch=arch)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['file']}")
+    size = f" ({info['size']})" if info["size"] != "unknown" else ""
+    click.echo(f"  architecture  {info['architecture']}: {info['title']}{size}")
+    for note in info["size_notes"]:
+        click.echo(f"                {note}")
+    if info["metadata_says"] and info["metadata_says"] != info["architecture"]:
+        click.echo(f"  WARNING       metadata says {info['metadata_says']}")
+    click.echo(f"  dialect       {info['dialect']}")
+    click.echo(f"  adapters      {info['adapters']} from {info['keys']} keys")
+    click.echo(f"  ranks         {_counts(info['ranks'])}")
+    click.echo(f"  alphas        {_counts(info['alphas'])}")
+    click.echo(f"  dtypes        {_counts(info['dtypes'])}")
+    for name, c in info["components"].items():
+        blocks = ", ".join(list(c["blocks"])[:6]) + (f", ... ({len(c['blocks'])} blocks)" if len(c["blocks"]) > 6 else "")
+        click.echo(f"  {name:13s} {c['adapters']} adapters ({_counts(c['kinds'])}): {blocks}")
+    if info["unknown_keys"]:
+        click.echo(f"  unknown keys  {len(info['unknown_keys'])}: {', '.join(info['unknown_keys'][:5])}")
+    for k, v in info["metadata"].items():
+        click.echo(f"  {k} = {v[:100]}")
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in d.items())
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path())
+@click.option("--to", "to", required=True, type=click.Choice(["kohya", "diffusers", "comfyui", "bfl"]),
+              help="Target dialect.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Output file (default: IN.<dialect>.safetensors).")
+@arch_option
+@click.option("--drop-unknown", is_flag=True, help="Leave out keys no key map understands, and report them.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file (never an input).")
+@json_option
+def convert_cmd(src, to, output, arch, drop_unknown, overwrite, as_json):
+    """Convert a LoRA between dialects, keeping every weight delta exact.
+
+    Fused and split q/k/v, alpha and row order are handled exactly; keys that are not understood stop
+    the conversion unless --drop-unknown.
+
+    \b
+    Example:
+      lorabox convert flux_lora_kohya.safetensors --to diffusers -o flux_lora_peft.safetensors
+    """
+    from .conversion import convert_file
+
+    result = convert_file(src, to, output, arch=arch, drop_unknown=drop_unknown, overwrite=overwrite)
+    report = result.report()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{src} ({report['architecture']}, {report['from']}) -> {report['output']} ({to}): "
+               f"{report['adapters']} adapters, {report['keys']} keys")
+    if report["dropped"]:
+        click.echo(f"dropped {len(report['dropped'])} unknown key(s): {', '.join(report['dropped'][:10])}", err=True)
+    for note in report["notes"]:
+        click.echo(f"note: {note}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""safetensors without torch: a validating reader (header first, tensors memory-mapped) and an atomic writer.
+
+The format is an 8-byte little-endian header length, a JSON header ({name: {dtype, shape, data_offsets}},
+optional "__metadata__" of strings), then the tensor bytes.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputFileError, OutputError
+from ..tensor import Tensor, storage_dtype
+
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise InputFileError(f"{path}: no such file.", hint="Check the path.")
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a directory, not a file.", hint="Give the .safetensors file inside it.")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
+    """Validate the container and return (tensor entries, metadata, offset of the data)."""
+    path = Path(path)
+    _check_path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise InputFileError(
+                f"{path}: is a pickle checkpoint (.ckpt/.pt/.bin), which can run code when loaded.",
+                hint="lorabox reads only .safetensors; convert it with a tool you trust first.")
+        if len(head) < 8:
+            raise InputFileError(f"{path}: is {size} bytes, too short to be a safetensors file.")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER):
+            raise InputFileError(f"{path}: the safetensors header claims {n} bytes but the file has {size}: "
+                                 f"truncated or not a safetensors file.", hint="Download it again.")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{path}: the safetensors header is not valid JSON ({exc}): corrupt file.",
+                             hint="Download it again.") from None
+    metadata = header.pop("__metadata__", None) or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise InputFileError(f"{path}: metadata values must be strings.")
+    end = 0
+    for name, entry in header.items():
+        try:
+            begin, stop = entry["data_offsets"]
+            width = storage_dtype(entry["dtype"]).itemsize
+            count = int(np.prod(entry["shape"], dtype=np.int64))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputFileError(f"{path}: tensor {name!r} has a malformed header entry ({exc}).") from None
+        if stop - begin != count * width or begin > stop:
+            raise InputFileError(f"{path}: tensor {name!r} has {stop - begin} bytes for shape {entry['shape']}.")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise InputFileError(f"{path}: tensors need {8 + n + end} bytes but the file has {size}: truncated.",
+                             hint="Download it again.")
+    return header, metadata, 8 + n
+
+
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors (memory-mapped, read-only) and the metadata."""
+    header, metadata, offset = read_header(path)
+    tensors: dict[str, Tensor] = {}
+    if not header:
+        return tensors, metadata
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    for name, entry in header.items():
+        begin, stop = entry["data_offsets"]
+        arr = np.frombuffer(buf, dtype=storage_dtype(entry["dtype"]), count=(stop - begin) //
+                            storage_dtype(entry["dtype"]).itemsize, offset=offset + begin)
+        tensors[name] = Tensor(arr.reshape(entry["shape"]), entry["dtype"])
+    return tensors, metadata
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(out: str | os.PathLike, inputs: list, *, overwrite: bool = False) -> Path:
+    out = Path(out)
+    for src in inputs:
+        if same_file(out, src):
+            raise OutputError(f"{out}: is also an input; lorabox never overwrites its inputs.",
+                              hint="Choose another output path with -o.")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory.", hint="Give a file name.")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists.", hint="Pass --overwrite or choose another path with -o.")
+    if not out.parent.exists():
+        raise OutputError(f"{out.parent}: no such directory.")
+    return out
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.nbytes
+        header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for t in tensors.values():
+                f.write(np.ascontiguousarray(t.array).data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,232 @@
+"""Loads the key-map tables in key_maps/*.toml and expands them into lookups.
+
+A table lists, per architecture, every weight a LoRA may target: its canonical (original checkpoint) name,
+its diffusers name(s), how a canonical weight splits into several diffusers weights, and named row
+transforms. Templates are expanded from small integer expressions (`3*l + j + 1`, `range(depth[l])`).
+Nothing here knows any particular architecture.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import itertools
+import operator
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import KeyMapError, UnknownArchitecture
+
+DIALECT_SPELLINGS = ("kohya", "diffusers", "comfyui")
+
+
+def key_maps_dir() -> Path:
+    """The tables: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "key_maps", here.parent / "key_maps"):
+        if (candidate / "dialects.toml").is_file():
+            return candidate
+    raise KeyMapError(f"key_maps/ not found next to {here}.", hint="Reinstall lorabox.")
+
+
+@dataclass(frozen=True)
+class Module:
+    """One weight a LoRA may target, in the canonical namespace of its table."""
+
+    canonical: str
+    diffusers: tuple[str, ...]  # one name, or the names of the row slices in order
+    split: tuple[int, ...] | None = None  # proportions of the slices (None: a single diffusers name)
+    op: str | None = None  # row transform from canonical to diffusers layout (ops.ROW_OPS)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def parts(self) -> int:
+        return len(self.diffusers) if self.split else 1
+
+
+@dataclass(frozen=True)
+class Hit:
+    """What a module name resolved to: the module, the slice (None = whole) and the naming it was in."""
+
+    module: Module
+    part: int | None
+    naming: str  # "canonical" | "diffusers" | "alias"
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    dims: dict[str, int]
+    fingerprints: list[dict]
+    modules: dict[str, Module] = field(default_factory=dict)
+    dotted: dict[str, Hit] = field(default_factory=dict)  # any spelling with dots -> hit
+    flat: dict[str, Hit] = field(default_factory=dict)  # the same spellings with `.` -> `_`
+
+
+@dataclass(frozen=True)
+class Component:
+    """A model inside an architecture (the denoiser `unet`, or a text encoder) and its prefixes."""
+
+    name: str
+    table: Table
+    prefixes: dict[str, str]  # dialect spelling -> prefix
+    read: tuple[str, ...]  # further prefixes accepted on read
+
+    def all_prefixes(self) -> list[str]:
+        return list(dict.fromkeys([*self.prefixes.values(), *self.read]))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    title: str
+    components: dict[str, Component]
+    kohya_naming: str
+    modelspec: str | None
+
+    @property
+    def unet(self) -> Component:
+        return self.components["unet"]
+
+
+# --- template expressions ---------------------------------------------------------------------------
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def _eval(expr, env: dict):
+    """Evaluate an int expression or `range(...)` from a table; only arithmetic, names and indexing."""
+    if not isinstance(expr, str):
+        return expr
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in env:
+            return env[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.Subscript):
+            return ev(node.value)[ev(node.slice)]
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range" and not node.keywords:
+            return list(range(*[ev(a) for a in node.args]))
+        raise KeyMapError(f"unsupported expression in key map: {expr!r}")
+
+    try:
+        return ev(ast.parse(expr, mode="eval"))
+    except (SyntaxError, KeyError, IndexError, TypeError) as exc:
+        raise KeyMapError(f"bad expression in key map: {expr!r} ({exc})") from exc
+
+
+def _assignments(group: dict, consts: dict):
+    """Every binding of the group's `for` variables (in order, each may use the previous), plus `let`."""
+    names = list(group.get("for", {}))
+
+    def rec(i, env):
+        if i == len(names):
+            env = dict(env)
+            for k, v in group.get("let", {}).items():
+                env[k] = _eval(v, env)
+            yield env
+            return
+        values = _eval(group["for"][names[i]], env)
+        for v in values if isinstance(values, list) else [values]:
+            yield from rec(i + 1, {**env, names[i]: v})
+
+    yield from rec(0, dict(consts))
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _entry(raw) -> tuple[str, tuple[str, ...], tuple[int, ...] | None, str | None, tuple[str, ...]]:
+    if isinstance(raw, str):
+        return raw, (raw,), None, None, ()
+    if isinstance(raw, list) and len(raw) == 2:
+        return raw[0], (raw[1],), None, None, ()
+    if isinstance(raw, dict) and "c" in raw:
+        d = raw.get("d", raw["c"])
+        d = tuple(d) if isinstance(d, list) else (d,)
+        split = tuple(raw.get("split", [1] * len(d))) if len(d) > 1 else None
+        if split and len(split) != len(d):
+            raise KeyMapError(f"key map entry {raw}: `split` needs one proportion per diffusers name")
+        return raw["c"], d, split, raw.get("op"), tuple(raw.get("aliases", ()))
+    raise KeyMapError(f"key map entry not understood: {raw!r}")
+
+
+def _add_spelling(table: Table, name: str, hit: Hit):
+    for index, key in ((table.dotted, name), (table.flat, name.replace(".", "_"))):
+        old = index.get(key)
+        if old is not None and (old.module.canonical, old.part) != (hit.module.canonical, hit.part):
+            raise KeyMapError(
+                f"key map {table.name}: {key!r} names both {old.module.canonical} and {hit.module.canonical}"
+            )
+        if old is None or hit.naming == "canonical":
+            index[key] = hit
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(name: str) -> Table:
+    path = key_maps_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise KeyMapError(f"no key map {path.name} in {path.parent}")
+    data = tomllib.loads(path.read_text())
+    consts = dict(data.get("vars", {}))
+    table = Table(data["architecture"], data.get("title", name), dict(data.get("dims", {})),
+                  list(data.get("fingerprints", [])))
+    sets = data.get("sets", {})
+    for group in data.get("group", []):
+        entries = list(group.get("modules", []))
+        for set_name in group.get("use", []):
+            entries += sets[set_name]
+        for env in _assignments(group, consts):
+            cpre, dpre = group["canonical"].format(**env), group["diffusers"].format(**env)
+            for raw in entries:
+                c, d, split, op, aliases = _entry(raw)
+                module = Module(
+                    _join(cpre, c.format(**env)), tuple(_join(dpre, x.format(**env)) for x in d), split, op,
+                    tuple(_join(cpre, a.format(**env)) for a in aliases),
+                )
+                old = table.modules.get(module.canonical)
+                if old is not None:
+                    if old != module:
+                        raise KeyMapError(f"key map {name}: {module.canonical} defined twice, differently")
+                    continue
+                table.modules[module.canonical] = module
+                _add_spelling(table, module.canonical, Hit(module, None, "canonical"))
+                for part, dname in enumerate(module.diffusers):
+                    _add_spelling(table, dname, Hit(module, part if module.split else None, "diffusers"))
+                for alias in module.aliases:
+                    _add_spelling(table, alias, Hit(module, None, "alias"))
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def load_dialects() -> dict:
+    return tomllib.loads((key_maps_dir() / "dialects.toml").read_text())
+
+
+def architecture_names() -> list[str]:
+    """Architectures with a denoiser table (text-encoder tables are reached through them)."""
+    out = []
+    for path in sorted(key_maps_dir().glob("*.toml")):
+        if path.stem != "dialects" and "[components.unet]" in path.read_text():
+            out.append(path.stem)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def load_architecture(name: str) -> Architecture:
+    if name not in architecture_names():
+        raise UnknownArchitecture(f"unknown architecture {name!r}.", hint=f"Known: {', '.join(architecture_names())}.")
+    data = tomllib.loads((key_maps_dir() / f"{name}.toml").read_text())
+    components = {}
+    for cname, spec in data["components"].items():
+        table = load_table(spec.get("table", name))
+        prefixes = {k: spec[k] for k in DIALECT_SPELLINGS}
+        components[cname] = Component(cname, table, prefixes, tuple(spec.get("read", ())))
+    return Architecture(name, data.get("title", name), components, data.get("kohya_naming", "canonical"),
+                        data.get("modelspec"))

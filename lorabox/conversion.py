@@ -92,6 +92,6 @@ def convert_file(src: str | os.PathLike, to: str, out: str | os.PathLike | None 
         raise UnsupportedConversion(f"unknown target dialect {to!r}.", hint=f"Use one of {', '.join(WRITE_DIALECTS)}.")
     out = check_output(out or default_output(src, to), [src], overwrite=overwrite)
     result = convert(load_lora(src, arch=arch, drop_unknown=drop_unknown), to)
-    write_tensors(out, result.tensors, result.metadata)
+    write_tensors(out, result.tensors, result.metadata, durable=False)  # a LoRA is cheap to redo
     result.output = str(out)
     return result

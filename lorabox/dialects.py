@@ -8,13 +8,14 @@ never by guessing which `_` was a `.`.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections import Counter
 from dataclasses import dataclass
 
 from . import ops
 from .errors import ShapeMismatch, UnmappedKeysError, UnsupportedConversion
-from .keymap import Architecture, Component, Hit, load_dialects
+from .keymap import Architecture, Component, Hit, load_architecture, load_dialects
 from .lora import Adapter, Lora
 from .tensor import Tensor
 
@@ -31,6 +32,7 @@ class ParsedKey:
     spelling: str  # a short description of the prefix family, for reports
 
 
+@functools.lru_cache(maxsize=None)
 def _suffixes() -> list[tuple[str, str, str]]:
     out = []
     for suffix, spec in load_dialects()["suffixes"].items():
@@ -39,7 +41,9 @@ def _suffixes() -> list[tuple[str, str, str]]:
     return sorted(out, key=lambda x: -len(x[0]))
 
 
-def _prefixes(arch: Architecture) -> list[tuple[str, Component]]:
+@functools.lru_cache(maxsize=None)
+def _prefixes(arch_name: str) -> list[tuple[str, Component]]:
+    arch = load_architecture(arch_name)
     pairs = [(p, c) for c in arch.components.values() for p in c.all_prefixes()]
     pairs.append(("", arch.unet))  # bare original/BFL names, and xlabs
     return sorted(pairs, key=lambda x: -len(x[0]))
@@ -47,11 +51,16 @@ def _prefixes(arch: Architecture) -> list[tuple[str, Component]]:
 
 def parse_key(key: str, arch: Architecture) -> ParsedKey | None:
     """Resolve one tensor key against an architecture; None if it means nothing there."""
+    return _parse_key(key, arch.name)
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_key(key: str, arch_name: str) -> ParsedKey | None:
     for suffix, role, tail in _suffixes():
         if not key.endswith(suffix):
             continue
         name = key[: -len(suffix)] + tail
-        for prefix, comp in _prefixes(arch):
+        for prefix, comp in _prefixes(arch_name):
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix):]

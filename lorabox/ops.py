@@ -43,13 +43,40 @@ def apply_row_op(adapter: Adapter, op: str | None, *, inverse: bool = False) -> 
     return Adapter(adapter.component, adapter.module, adapter.part, tensors, adapter.alpha)
 
 
+# (bits view, exponent shift, exponent mask) of the float dtypes whose exponent field can be shifted in place
+_EXPONENT = {"BF16": (np.uint16, 7, 0xFF), "F16": (np.uint16, 10, 0x1F), "F32": (np.uint32, 23, 0xFF)}
+
+
+def _scale_pow2(t: Tensor, k: int) -> Tensor | None:
+    """`t * 2**k` by moving exponent bits (exact); None when some value would leave the normal range."""
+    if t.dtype not in _EXPONENT:
+        return None
+    view, shift, emax = _EXPONENT[t.dtype]
+    bits = t.array.view(view)
+    e = ((bits >> shift) & emax).astype(np.int32)
+    zero = (bits & view((1 << (bits.itemsize * 8 - 1)) - 1)) == 0
+    ok = zero | ((e > 0) & (e + k > 0) & (e + k < emax))
+    if not ok.all():
+        return None
+    step = view(abs(k) << shift)
+    out = np.where(zero, bits, bits + step if k > 0 else bits - step).astype(view)
+    return Tensor(out.view(t.array.dtype), t.dtype)
+
+
 def scale_tensor(t: Tensor, factor: float) -> Tensor:
     """`t * factor` in `t`'s dtype when that is exact (e.g. powers of two), else in float32 (rel. error < 1e-7)."""
     if factor == 1.0:
         return t
-    wide = t.values() * factor
+    m, e = math.frexp(factor)
+    if m == 0.5:
+        fast = _scale_pow2(t, e - 1)
+        if fast is not None:
+            return fast
+    # 16-bit floats: a float32 product is exact for powers of two and within 2^-24 otherwise
+    wide = t.values32() * np.float32(factor) if t.dtype in ("BF16", "F16") and \
+        math.frexp(factor)[0] == 0.5 else t.values() * factor
     same = Tensor.from_values(wide, t.dtype) if t.dtype in ("BF16", "F16", "F32", "F64") else None
-    if same is not None and np.array_equal(same.values(), wide):
+    if same is not None and np.array_equal(same.values32() if wide.dtype == np.float32 else same.values(), wide):
         return same
     return Tensor.from_values(wide, "F32")
 

@@ -11,6 +11,8 @@ NATIVE = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int
           "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
           "BOOL": np.bool_}
 BITS = {"BF16": np.uint16, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8}
+SIGN_MASK = {"BF16": (np.uint16, 0x7FFF), "F16": (np.uint16, 0x7FFF), "F32": (np.uint32, 0x7FFFFFFF),
+             "F64": (np.uint64, 0x7FFFFFFFFFFFFFFF), "F8_E4M3": (np.uint8, 0x7F), "F8_E5M2": (np.uint8, 0x7F)}
 FLOAT_RANK = {"F8_E5M2": 0, "F8_E4M3": 0, "BF16": 1, "F16": 1, "F32": 2, "F64": 3}
 
 
@@ -76,7 +78,19 @@ class Tensor:
         return a.astype(np.float64)
 
     def nonzero(self) -> np.ndarray:
-        return self.values() != 0
+        """Elementwise value != 0, from the bits (a negative zero is zero)."""
+        if self.dtype in SIGN_MASK:
+            bits = self.array.view(SIGN_MASK[self.dtype][0])
+            return (bits & SIGN_MASK[self.dtype][1]) != 0
+        return self.array != 0
+
+    def values32(self) -> np.ndarray:
+        """The values as float32: exact for 16- and 8-bit floats, and cheaper than float64."""
+        if self.dtype == "BF16":
+            return (self.array.astype(np.uint32) << 16).view(np.float32)
+        if self.dtype in ("F16", "F32"):
+            return self.array.astype(np.float32)
+        return self.values().astype(np.float32)
 
     @staticmethod
     def from_values(values: np.ndarray, dtype: str) -> "Tensor":

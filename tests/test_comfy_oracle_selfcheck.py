@@ -35,7 +35,8 @@ def lora_tensors(module: str, shape: tuple[int, ...], style: str = "kohya", seed
     down = torch.randn(RANK, in_f, *kernel, generator=g)
     up = torch.randn(out_f, RANK, *([1] * len(kernel)), generator=g)
     if style == "kohya":
-        return {f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up, f"{module}.alpha": torch.tensor(1.0)}
+        alpha = torch.tensor(1.0)
+        return {f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up, f"{module}.alpha": alpha}
     return {f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up}
 
 
@@ -85,28 +86,42 @@ NAMED = {
         "lora_unet_down_blocks_0_attentions_0_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight",
         "lora_unet_input_blocks_1_1_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight",
         "lora_unet_down_blocks_0_resnets_0_conv1": "diffusion_model.input_blocks.1.0.in_layers.2.weight",
-        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
-        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1": "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+            "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1":
+            "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
     },
     "sdxl": {
-        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
-        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
-        "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2": "diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight",
-        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q": "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
-        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
-        "lora_te2_text_model_encoder_layers_31_mlp_fc2": "clip_g.transformer.text_model.encoder.layers.31.mlp.fc2.weight",
-        "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj": "clip_g.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight",
-        "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.v_proj": "clip_g.transformer.text_model.encoder.layers.0.self_attn.v_proj.weight",
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q":
+            "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q":
+            "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+        "lora_unet_middle_block_1_transformer_blocks_9_ff_net_2":
+            "diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight",
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q":
+            "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+            "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "lora_te2_text_model_encoder_layers_31_mlp_fc2":
+            "clip_g.transformer.text_model.encoder.layers.31.mlp.fc2.weight",
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj":
+            "clip_g.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight",
+        "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.v_proj":
+            "clip_g.transformer.text_model.encoder.layers.0.self_attn.v_proj.weight",
     },
     "flux1": {
         "lora_unet_double_blocks_0_img_attn_qkv": "diffusion_model.double_blocks.0.img_attn.qkv.weight",
         "lora_unet_single_blocks_37_linear1": "diffusion_model.single_blocks.37.linear1.weight",
         "diffusion_model.single_blocks.0.linear1": "diffusion_model.single_blocks.0.linear1.weight",
         "transformer.transformer_blocks.0.attn.to_k": "diffusion_model.double_blocks.0.img_attn.qkv.weight",
-        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
-        "lora_te3_encoder_block_0_layer_0_SelfAttention_q": "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
-        "lora_te2_encoder_block_23_layer_1_DenseReluDense_wo": "t5xxl.transformer.encoder.block.23.layer.1.DenseReluDense.wo.weight",
-        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q": "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+            "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q":
+            "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
+        "lora_te2_encoder_block_23_layer_1_DenseReluDense_wo":
+            "t5xxl.transformer.encoder.block.23.layer.1.DenseReluDense.wo.weight",
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q":
+            "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
     },
 }
 
@@ -145,28 +160,34 @@ def test_bogus_key_is_reported(arch):
 
 def test_known_rejections_are_pinned():
     """ComfyUI 0.3.75 behaviour lorabox must respect when it writes ComfyUI-bound files."""
+
+    def unloaded(arch, module, shape, style="kohya"):
+        return comfy_unloaded_keys(arch, lora_tensors(module, shape, style))
+
     # SD1.5/SDXL: diffusers attention names are only read in the old `.processor.to_q` form, so PEFT-style
     # `unet.….attn1.to_q` is dropped (other diffusers UNet names, e.g. proj_in, are read).
     peft = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    assert comfy_unloaded_keys("sdxl", lora_tensors(peft, (640, 640), "peft")) == [f"{peft}.lora_A.weight", f"{peft}.lora_B.weight"]
-    old = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q"
-    assert comfy_unloaded_keys("sdxl", lora_tensors(old, (640, 640), "peft")) == []
-    assert comfy_unloaded_keys("sdxl", lora_tensors("unet.down_blocks.1.attentions.0.proj_in", (640, 640), "peft")) == []
+    assert unloaded("sdxl", peft, (640, 640), "peft") == [f"{peft}.lora_A.weight", f"{peft}.lora_B.weight"]
+    assert unloaded("sdxl", "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q", (640, 640)) == []
+    assert unloaded("sdxl", "unet.down_blocks.1.attentions.0.proj_in", (640, 640), "peft") == []
     # Flux: diffusers' T5 prefix `text_encoder_2.` is not read (lora_te2_/lora_te3_/text_encoders.t5xxl. are),
     # nor is a CLIP name without transformers 4's `text_model.` level.
-    for module in ("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q", "text_encoder.encoder.layers.0.self_attn.q_proj"):
-        assert comfy_unloaded_keys("flux1", lora_tensors(module, (768, 768), "peft")) != []
+    assert unloaded("flux1", "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q", (4096, 4096), "peft") != []
+    assert unloaded("flux1", "text_encoder.encoder.layers.0.self_attn.q_proj", (768, 768), "peft") != []
     # Flux: kohya-flattened diffusers names are read as `lora_transformer_…` (OneTrainer), not `lora_unet_…`.
-    assert comfy_unloaded_keys("flux1", lora_tensors("lora_unet_transformer_blocks_0_attn_to_q", (3072, 3072))) != []
-    assert comfy_unloaded_keys("flux1", lora_tensors("lora_transformer_transformer_blocks_0_attn_to_q", (3072, 3072))) == []
+    assert unloaded("flux1", "lora_unet_transformer_blocks_0_attn_to_q", (3072, 3072)) != []
+    assert unloaded("flux1", "lora_transformer_transformer_blocks_0_attn_to_q", (3072, 3072)) == []
     # The diffusers->LDM table maps modules the model lacks: load_lora consumes the keys, the patch lands nowhere.
     result = comfy_load("sdxl", lora_tensors("lora_unet_down_blocks_0_resnets_0_conv_shortcut", (320, 320)))
-    assert result.unloaded_keys == [] and result.unpatched_weights == ["diffusion_model.input_blocks.1.0.skip_connection.weight"]
+    assert result.unloaded_keys == []
+    assert result.unpatched_weights == ["diffusion_model.input_blocks.1.0.skip_connection.weight"]
     # Two names of one module: every key is consumed, but only one patch survives.
-    sgm, diffusers = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    sgm = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    diffusers = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     result = comfy_load("sdxl", {**lora_tensors(sgm, (640, 640), seed=1), **lora_tensors(diffusers, (640, 640), seed=2)})
     assert result.unloaded_keys == [] and len(result.patches) == 1
-    assert result.collisions == {"diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": sorted([sgm, diffusers])}
+    target = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    assert result.collisions == {target: sorted([sgm, diffusers])}
 
 
 def test_merge_numbers():
@@ -179,8 +200,8 @@ def test_merge_numbers():
     expected = weight + 0.8 * (1.0 / RANK) * sd[f"{module}.lora_up.weight"] @ sd[f"{module}.lora_down.weight"]
     torch.testing.assert_close(merged, expected)
     # Flux: a diffusers `to_k` lands in rows [3072:6144] of the fused qkv weight, nothing else moves.
-    sd = lora_tensors("transformer.transformer_blocks.0.attn.to_k", (3072, 3072), "peft")
+    module = "transformer.transformer_blocks.0.attn.to_k"
+    sd = lora_tensors(module, (3072, 3072), "peft")
     qkv = comfy_apply("flux1", sd, "diffusion_model.double_blocks.0.img_attn.qkv.weight", torch.zeros(9216, 3072))
-    delta = sd["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"] @ sd["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"]
-    torch.testing.assert_close(qkv[3072:6144], delta)
+    torch.testing.assert_close(qkv[3072:6144], sd[f"{module}.lora_B.weight"] @ sd[f"{module}.lora_A.weight"])
     assert not qkv[:3072].any() and not qkv[6144:].any()

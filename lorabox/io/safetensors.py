@@ -113,8 +113,13 @@ def check_output(out: str | os.PathLike, inputs: list, *, overwrite: bool = Fals
     return out
 
 
-def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then rename."""
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None, *,
+                  durable: bool = True) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, then rename.
+
+    The destination never holds a partial file. `durable` also fsyncs before the rename, so the file
+    survives a power cut; small outputs that are cheap to redo may skip it.
+    """
     path = Path(path)
     header: dict = {}
     if metadata:
@@ -134,7 +139,8 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata:
             for t in tensors.values():
                 f.write(np.ascontiguousarray(t.array).data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -101,8 +101,9 @@ def import_comfy() -> types.SimpleNamespace:
 
     transformers.utils.is_torchvision_available()
     diffusers.utils.is_torchvision_available()
-    for name in ("CLIPTokenizer", "T5TokenizerFast", "LlamaTokenizerFast", "Qwen2Tokenizer", "BertTokenizer", "ByT5Tokenizer"):
-        getattr(transformers, name, None)  # resolve lazy modules ComfyUI imports from
+    # resolve the lazy modules ComfyUI imports from
+    for name in ("CLIPTokenizer", "T5TokenizerFast", "LlamaTokenizerFast", "Qwen2Tokenizer", "BertTokenizer"):
+        getattr(transformers, name, None)
 
     # Append (not prepend): _comfyui has top-level `tests`, `utils`, `app` packages that must not shadow ours.
     if str(COMFY_DIR) not in sys.path:

@@ -32,7 +32,7 @@ class Candidate:
     hinted: bool = False
 
     def rank(self) -> tuple:
-        return (not self.unknown, -len(self.mismatches), self.hinted, self.matches, self.parsed)
+        return (not self.unknown, self.parsed, -len(self.mismatches), self.hinted, self.matches)
 
 
 def metadata_hint(metadata: dict[str, str]) -> str | None:
@@ -90,8 +90,8 @@ def detect_architecture(tensors: dict[str, Tensor], metadata: dict[str, str], *,
             ("lora" in k or "alpha" in k or "hada" in k or "lokr" in k) for k in tensors) else ""
         raise NotALoraError(f"{source}: no key names a LoRA weight of a known architecture "
                             f"({', '.join(architecture_names())}); keys look like {sample}.{looks}")
-    tied = [c for c in ranked if c.rank()[:3] == best.rank()[:3] and c.parsed == best.parsed]
-    if len(tied) > 1 and not best.matches:
+    tied = [c for c in ranked if c.rank() == best.rank()]
+    if len(tied) > 1:
         names = " or ".join(c.architecture for c in tied)
         raise UnknownArchitecture(f"{source}: the keys fit {names} equally well.", hint="Pass --arch to choose.")
     return best.architecture

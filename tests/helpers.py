@@ -73,3 +73,17 @@ def assert_same_deltas(a: Lora, b: Lora, *, rtol=1e-6, exact=False):
         else:
             scale = max(np.abs(da[k]).max(), 1e-30)
             assert np.abs(da[k] - db[k]).max() <= rtol * scale, (k, np.abs(da[k] - db[k]).max() / scale)
+
+
+def to_torch(sd):
+    """lorabox Tensors -> torch tensors (bf16 bits reinterpreted), for feeding the peers."""
+    import torch
+
+    out = {}
+    for k, t in sd.items():
+        arr = np.array(t.array, order="C")
+        if t.dtype == "BF16":
+            out[k] = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        else:
+            out[k] = torch.from_numpy(arr)
+    return out

@@ -87,6 +87,9 @@ _PROBLEM = re.compile(
     r"ignored|not loaded|not used|could not|did not match|zero padded|expanded|load report|dora",
     re.IGNORECASE,
 )
+# Messages that do not mean a key was lost: diffusers injects LoRA layers from the state dict's own module names, so
+# a lora_adapter_metadata exclude_modules pattern never has anything left to exclude.
+_BENIGN = re.compile(r"You have passed exclude_modules=.* but no modules were excluded")
 _NO_LORA_KEYS = re.compile(r"No LoRA keys associated to \w+ found with the prefix='(\w+)'")
 
 
@@ -111,6 +114,10 @@ class _Capture(logging.Handler):
             self._saved.append((logger, logger.level, handler_levels))
             logger.setLevel(logging.DEBUG)
             logger.addHandler(self)
+        from transformers.utils import logging as transformers_logging
+
+        self._progress_bar = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # transformers' load_adapter draws one per text encoder
         self._warnings = warnings.catch_warnings(record=True)
         self.warnings = self._warnings.__enter__()
         warnings.simplefilter("always")
@@ -118,6 +125,10 @@ class _Capture(logging.Handler):
 
     def __exit__(self, *exc):
         self._warnings.__exit__(*exc)
+        if self._progress_bar:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.enable_progress_bar()
         for logger, level, handler_levels in self._saved:
             logger.removeHandler(self)
             logger.setLevel(level)
@@ -137,6 +148,8 @@ class _Capture(logging.Handler):
             if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)) and not _PROBLEM.search(
                 str(w.message)
             ):
+                continue
+            if _BENIGN.search(str(w.message)):
                 continue
             out.append(f"[{w.category.__name__} {Path(w.filename).name}:{w.lineno}] {w.message}")
         return out

@@ -1,0 +1,162 @@
+"""The command line: one clear line and a non-zero exit for bad input, no traceback, nothing written."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lorabox.conversion import convert
+from lorabox.io.safetensors import write_tensors
+from lorabox.tensor import Tensor
+from tests.helpers import random_lora
+
+CLI = [sys.executable, "-m", "lorabox"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def kohya_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "flux_kohya.safetensors"
+    res = convert(random_lora("flux1", every=4), "kohya")
+    write_tensors(path, res.tensors, res.metadata)
+    return path
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lorabox: error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def _bad_inputs(tmp):
+    missing = tmp / "missing.safetensors"
+    folder = tmp / "a_folder"
+    folder.mkdir()
+    truncated = tmp / "truncated.safetensors"
+    good = convert(random_lora("sd15", every=10), "kohya")
+    write_tensors(truncated, good.tensors, good.metadata)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    header_cut = tmp / "header_cut.safetensors"
+    header_cut.write_bytes(data[:40])
+    garbage = tmp / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00this is not json")
+    pickle = tmp / "model.ckpt"
+    import torch
+
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pickle)
+    not_lora = tmp / "checkpoint.safetensors"
+    write_tensors(not_lora, {"model.diffusion_model.input_blocks.0.0.weight": Tensor.zeros((4, 4), "F16"),
+                             "first_stage_model.encoder.conv_in.weight": Tensor.zeros((4, 4), "F16")})
+    return {
+        "missing": (missing, "no such file"),
+        "directory": (folder, "is a directory"),
+        "truncated": (truncated, "truncated"),
+        "header_cut": (header_cut, "truncated"),
+        "garbage": (garbage, "not valid JSON"),
+        "pickle": (pickle, "pickle"),
+        "not_lora": (not_lora, "full model checkpoint"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "truncated", "header_cut", "garbage", "pickle", "not_lora"])
+@pytest.mark.parametrize("command", ["convert", "inspect"])
+def test_bad_input_one_line_nonzero_nothing_written(tmp_path, case, command):
+    path, needle = _bad_inputs(tmp_path)[case]
+    before = set(tmp_path.rglob("*"))
+    args = [command, path] + (["--to", "comfyui", "-o", tmp_path / "out.safetensors"] if command == "convert" else [])
+    proc = run(*args)
+    assert_one_line_error(proc, str(path), needle)
+    assert set(tmp_path.rglob("*")) == before  # no output, no temporary file left
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run("--debug", "inspect", tmp_path / "missing.safetensors")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unknown_keys_are_an_error_listing_them_and_drop_unknown_reports(tmp_path, kohya_file):
+    res = convert(random_lora("flux1", every=9), "kohya")
+    tensors = dict(res.tensors)
+    tensors["lora_unet_double_blocks_0_img_attn_qkvv.lora_down.weight"] = Tensor.zeros((4, 16), "BF16")
+    tensors["lora_unet_double_blocks_0_img_attn_qkvv.lora_up.weight"] = Tensor.zeros((18, 4), "BF16")
+    src = tmp_path / "odd.safetensors"
+    write_tensors(src, tensors, res.metadata)
+    out = tmp_path / "out.safetensors"
+    proc = run("convert", src, "--to", "diffusers", "-o", out)
+    assert_one_line_error(proc, "2 key(s) not understood", "img_attn_qkvv.lora_down.weight",
+                          "nearest known: lora_unet_double_blocks_0_img_attn_qkv", "--drop-unknown")
+    assert not out.exists()
+    proc = run("convert", src, "--to", "diffusers", "-o", out, "--drop-unknown", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert sorted(report["dropped"]) == sorted(k for k in tensors if "qkvv" in k)
+    assert out.exists()
+
+
+def test_output_never_overwrites_an_input_or_an_existing_file(tmp_path, kohya_file):
+    proc = run("convert", kohya_file, "--to", "kohya", "-o", kohya_file)
+    assert_one_line_error(proc, "is also an input")
+    target = tmp_path / "exists.safetensors"
+    target.write_bytes(b"keep me")
+    proc = run("convert", kohya_file, "--to", "comfyui", "-o", target)
+    assert_one_line_error(proc, "already exists", "--overwrite")
+    assert target.read_bytes() == b"keep me"
+    proc = run("convert", kohya_file, "--to", "comfyui", "-o", target, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes() != b"keep me"
+
+
+def test_convert_default_output_name_and_metadata_record(tmp_path, kohya_file):
+    src = tmp_path / "lora.safetensors"
+    src.write_bytes(kohya_file.read_bytes())
+    proc = run("convert", src, "--to", "comfyui")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "lora.comfyui.safetensors"
+    from lorabox.io.safetensors import read_header
+
+    _, meta, _ = read_header(out)
+    record = json.loads(meta["lorabox.convert"])
+    assert record["to"] == "comfyui" and record["architecture"] == "flux1" and record["from"].startswith("kohya")
+
+
+def test_inspect_json(kohya_file):
+    proc = run("inspect", kohya_file, "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["architecture"] == "flux1"
+    assert info["dialect"].startswith("kohya")
+    assert info["ranks"] == {"4": info["adapters"]}
+    assert set(info["components"]) == {"unet", "clip_l", "t5xxl"}
+    human = run("inspect", kohya_file)
+    assert "flux1" in human.stdout and "ranks" in human.stdout
+
+
+def test_help_is_light_and_every_command_has_an_example():
+    code = ("import sys\nfrom lorabox.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    from lorabox.cli import main
+
+    for name in main.commands:
+        out = run(name, "--help").stdout
+        assert "Example:" in out, name
+
+
+def test_convert_and_inspect_do_not_import_torch(kohya_file, tmp_path):
+    code = ("import sys\nfrom lorabox.conversion import convert_file\nfrom lorabox.summary import inspect_file\n"
+            f"inspect_file({str(kohya_file)!r})\n"
+            f"convert_file({str(kohya_file)!r}, 'diffusers', {str(tmp_path / 'x.safetensors')!r})\n"
+            "print('HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

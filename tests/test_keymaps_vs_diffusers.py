@@ -1,0 +1,278 @@
+"""The key-map tables (key_maps/*.toml) checked against the real models and diffusers' own converters.
+
+1. Diffusers side: at FULL published size (built on the `meta` device, ORACLES.md section 2), the diffusers names
+   of a table are exactly the Linear/Conv2d modules of the diffusers model, and every row split / row op of the
+   table fits the real shapes.
+2. Text encoders: the clip_l / clip_g / t5xxl tables name exactly the Linear modules of transformers' models.
+3. Canonical side: diffusers' single-file checkpoint converters (the code that turns an original LDM / SGM / BFL
+   checkpoint into diffusers weights) are run on an original checkpoint built from the table's canonical names,
+   every weight row tagged with a unique code; each diffusers module must receive exactly the rows the table
+   says (its slice of the canonical weight, in order; halves swapped for `swap_halves`).
+4. Every spelling of every module (kohya flattened, comfyui dotted, diffusers) resolves to that module.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from lorabox.dialects import parse_key
+from lorabox.keymap import Module, load_architecture
+
+ARCHS = ("sd15", "sdxl", "flux1")
+
+# Published configs (ORACLES.md section 2).
+SD15 = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+FLUX1_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_HIDDEN = 3072
+
+# Text encoders at published size.
+CLIP_L = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072, num_attention_heads=12)
+CLIP_G = dict(hidden_size=1280, num_hidden_layers=32, intermediate_size=5120, num_attention_heads=20,
+              projection_dim=1280)
+T5XXL = dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64, feed_forward_proj="gated-gelu")
+
+CODE = 100_000  # row r of the module with id i holds i * CODE + r (every module has fewer than CODE rows)
+
+
+# --- models on `meta` ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def denoiser(arch: str) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    cls, config = {"sd15": (UNet2DConditionModel, SD15), "sdxl": (UNet2DConditionModel, SDXL),
+                   "flux1": (FluxTransformer2DModel, FLUX1_DEV)}[arch]
+    with torch.device("meta"):
+        return cls(**config)
+
+
+@functools.lru_cache(maxsize=None)
+def text_encoder(table: str) -> torch.nn.Module:
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config,
+                              T5EncoderModel)
+
+    with torch.device("meta"):
+        if table == "clip_l":
+            return CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        if table == "clip_g":
+            return CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
+        return T5EncoderModel(T5Config(**T5XXL))
+
+
+def layers(model: torch.nn.Module, kinds=(torch.nn.Linear, torch.nn.Conv2d)) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def rows_cols(m: torch.nn.Module) -> tuple[int, int]:
+    if isinstance(m, torch.nn.Linear):
+        return m.out_features, m.in_features
+    return m.out_channels, m.in_channels
+
+
+def diffusers_names(modules) -> list[str]:
+    return [d for m in modules for d in m.diffusers]
+
+
+def part_bounds(module: Module, unit: int) -> list[tuple[int, int]]:
+    """Rows [start, end) of the canonical weight that each diffusers part holds, per the table."""
+    if not module.split:
+        return [(0, unit)]
+    out, at = [], 0
+    for p in module.split:
+        out.append((at, at + unit * p))
+        at += unit * p
+    return out
+
+
+def unet_modules(arch: str) -> dict[str, Module]:
+    return load_architecture(arch).unet.table.modules
+
+
+# --- 1. diffusers names and shapes at full size -------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unet_table_names_every_linear_and_conv_once(arch):
+    modules = list(unet_modules(arch).values())
+    names = diffusers_names(modules)
+    assert len(names) == len(set(names)), "a diffusers name appears twice in the table"
+    real = layers(denoiser(arch))
+    missing, extra = sorted(set(real) - set(names)), sorted(set(names) - set(real))
+    assert not missing and not extra, f"not in table: {missing[:10]}; not in model: {extra[:10]}"
+
+    for m in modules:
+        shapes = [rows_cols(real[d]) for d in m.diffusers]
+        if m.split:
+            assert len(m.split) == len(m.diffusers) > 1, m.canonical
+            assert len({cols for _, cols in shapes}) == 1, (m.canonical, shapes)
+            unit = shapes[0][0] // m.split[0]
+            assert [rows for rows, _ in shapes] == [unit * p for p in m.split], (m.canonical, shapes, m.split)
+            if arch == "flux1":
+                assert unit == FLUX_HIDDEN, (m.canonical, unit)
+        else:
+            assert len(m.diffusers) == 1, m.canonical
+        if m.op is not None:
+            assert m.op == "swap_halves", (m.canonical, m.op)
+            assert shapes[0][0] % 2 == 0, (m.canonical, shapes)
+
+
+# --- 2. text encoders ----------------------------------------------------------------------------------
+
+def text_tables():
+    seen = {}
+    for arch in ARCHS:
+        for cname, comp in load_architecture(arch).components.items():
+            if cname != "unet":
+                seen.setdefault(comp.table.name, cname)
+    return sorted(seen)
+
+
+def test_text_tables_are_the_expected_ones():
+    assert text_tables() == ["clip_g", "clip_l", "t5xxl"]
+
+
+@pytest.mark.parametrize("table", ["clip_l", "clip_g", "t5xxl"])
+def test_text_encoder_table_names_every_linear_once(table):
+    arch = {"clip_l": "sd15", "clip_g": "sdxl", "t5xxl": "flux1"}[table]
+    comp = load_architecture(arch).components[table]
+    modules = list(comp.table.modules.values())
+    names = diffusers_names(modules)
+    assert len(names) == len(set(names))
+    # Text-encoder canonical names are transformers' own names: the same on both sides, never split.
+    assert all(m.diffusers == (m.canonical,) and not m.split and m.op is None for m in modules)
+
+    real = layers(text_encoder(table), torch.nn.Linear)
+    if table.startswith("clip"):
+        # transformers 5: CLIPTextModel has no `text_model.` level (`encoder.layers.0.self_attn.q_proj`), while
+        # CLIPTextModelWithProjection has it (and `text_projection` at the top). LoRA files always spell
+        # `text_model.encoder...`, as the tables do, so normalise the model's names to that.
+        real = {n if n.startswith("text_model.") or n == "text_projection" else "text_model." + n: m
+                for n, m in real.items()}
+    missing, extra = sorted(set(real) - set(names)), sorted(set(names) - set(real))
+    assert not missing and not extra, f"not in table: {missing[:10]}; not in model: {extra[:10]}"
+
+
+# --- 3. the canonical side, by diffusers' own single-file converters -----------------------------------
+
+def tagged_checkpoint(arch: str, *, conv_dims: bool):
+    """An original checkpoint for the table's canonical names: weight of module #i (1-based) is [rows, 1] (or
+    [rows, 1, 1, 1] for a conv when `conv_dims`) with row r = i * CODE + r; its bias (when the diffusers module
+    has one) holds the same codes. Rows are the real full-size rows (sum of the diffusers parts)."""
+    real = layers(denoiser(arch))
+    sd, expect = {}, {}
+    for i, m in enumerate(unet_modules(arch).values(), start=1):
+        parts = [real[d] for d in m.diffusers]
+        rows = sum(rows_cols(p)[0] for p in parts)
+        assert rows < CODE
+        codes = torch.arange(rows, dtype=torch.float64) + i * CODE
+        conv = isinstance(parts[0], torch.nn.Conv2d) and conv_dims
+        sd[m.canonical + ".weight"] = codes.reshape(rows, 1, 1, 1) if conv else codes.reshape(rows, 1)
+        has_bias = {p.bias is not None for p in parts}
+        assert len(has_bias) == 1, m.canonical
+        if has_bias.pop():
+            sd[m.canonical + ".bias"] = codes.clone()
+        # what the table says each diffusers module receives
+        unit = rows // (sum(m.split) if m.split else 1)
+        if m.op == "swap_halves":
+            codes = torch.cat([codes[rows // 2:], codes[: rows // 2]])
+        for d, (a, b) in zip(m.diffusers, part_bounds(m, unit)):
+            expect[d] = codes[a:b]
+    return sd, expect
+
+
+def check_converted(arch: str, converted: dict, expect: dict[str, torch.Tensor]):
+    model_keys = set(denoiser(arch).state_dict())
+    assert all(v is not None for v in converted.values()), [k for k, v in converted.items() if v is None][:5]
+    off_model = sorted(set(converted) - model_keys)
+    assert not off_model, f"converter produced keys the model does not have: {off_model[:10]}"
+    for d, codes in expect.items():
+        for suffix in (".weight", ".bias"):
+            key = d + suffix
+            if suffix == ".bias" and key not in model_keys:
+                continue
+            assert key in converted, f"{key}: not produced by the converter from the table's canonical name"
+            got = converted[key].reshape(converted[key].shape[0], -1)[:, 0]
+            if not torch.equal(got, codes):
+                src = {int(c) // CODE for c in got.tolist()}
+                mods = list(unet_modules(arch).values())
+                raise AssertionError(
+                    f"{key}: got rows of {[mods[s - 1].canonical for s in sorted(src) if 0 < s <= len(mods)]} "
+                    f"(first codes {got[:3].tolist()}), table expects {codes[:3].tolist()}...")
+
+
+def test_flux_canonical_names_by_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    sd, expect = tagged_checkpoint("flux1", conv_dims=False)
+    # Non-LoRA keys the converter also pops: the qk-norm scales of every double and single block (all biases the
+    # converter reads are added by tagged_checkpoint, from the model's Linear modules).
+    modules = unet_modules("flux1")
+    doubles = sorted({int(c.split(".")[1]) for c in modules if c.startswith("double_blocks.")})
+    singles = sorted({int(c.split(".")[1]) for c in modules if c.startswith("single_blocks.")})
+    assert doubles == list(range(19)) and singles == list(range(38))
+    for i in doubles:
+        for stream in ("img", "txt"):
+            for norm in ("query_norm", "key_norm"):
+                sd[f"double_blocks.{i}.{stream}_attn.norm.{norm}.scale"] = torch.ones(128, dtype=torch.float64)
+    for i in singles:
+        for norm in ("query_norm", "key_norm"):
+            sd[f"single_blocks.{i}.norm.{norm}.scale"] = torch.ones(128, dtype=torch.float64)
+
+    converted = convert_flux_transformer_checkpoint_to_diffusers(sd)
+    assert not sd, f"converter left BFL keys unused: {sorted(sd)[:10]}"
+    check_converted("flux1", converted, expect)
+    # the table's canonical names plus the norm scales are a complete BFL checkpoint
+    missing = sorted(set(denoiser("flux1").state_dict()) - set(converted))
+    assert not missing, missing[:10]
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_ldm_canonical_names_by_diffusers_converter(arch):
+    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
+    # The converter maps names only (it never looks at shapes), so the full-size config is used as is: the
+    # canonical names are exactly those of the published checkpoint.
+    config = dict(denoiser(arch).config)
+    sd, expect = tagged_checkpoint(arch, conv_dims=True)
+    converted = convert_ldm_unet_checkpoint({LDM_UNET_KEY + k: v for k, v in sd.items()}, config)
+    check_converted(arch, converted, expect)
+    # nothing the table names is lost or lands twice
+    produced = {k for k in converted if k.endswith(".weight")}
+    assert produced == {d + ".weight" for d in expect}, sorted(produced ^ {d + ".weight" for d in expect})[:10]
+    assert len(converted) == len(sd)
+
+
+# --- 4. every spelling resolves ------------------------------------------------------------------------
+
+def spellings(arch: str):
+    for cname, comp in load_architecture(arch).components.items():
+        for m in comp.table.modules.values():
+            yield cname, comp.prefixes["kohya"] + m.canonical.replace(".", "_"), m, None
+            yield cname, comp.prefixes["comfyui"] + m.canonical, m, None
+            for part, d in enumerate(m.diffusers):
+                p = part if m.split else None
+                yield cname, comp.prefixes["diffusers"] + d, m, p
+                yield cname, comp.prefixes["kohya"] + d.replace(".", "_"), m, p
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_spelling_parses_to_its_module(arch):
+    a = load_architecture(arch)
+    assert set(a.components) >= {"unet", "clip_l"}
+    wrong, n = [], 0
+    for cname, name, module, part in spellings(arch):
+        n += 1
+        p = parse_key(name + ".lora_down.weight", a)
+        if p is None or p.component != cname or p.hit.module != module or p.hit.part != part or p.role != "down":
+            wrong.append((name, None if p is None else (p.component, p.hit.module.canonical, p.hit.part)))
+    assert not wrong, f"{len(wrong)} of {n} spellings misparsed: {wrong[:10]}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from . import ops
 from .errors import ShapeMismatch, UnmappedKeysError, UnsupportedConversion
 from .keymap import Architecture, Component, Hit, load_architecture, load_dialects
-from .lora import Adapter, Lora
+from .lora import LOHA_ROLES, LOKR_ROLES, Adapter, Lora
 from .tensor import Tensor
 
 WRITE_DIALECTS = ("kohya", "diffusers", "comfyui", "bfl")
@@ -210,8 +210,8 @@ def write_state_dict(lora: Lora, arch: Architecture, dialect: str) -> tuple[dict
                     folded += 1
             name = module.canonical if naming == "canonical" else module.diffusers[a.part or 0]
             base = _prefix(spec, comp, dialect) + (name.replace(".", "_") if spec["flatten"] else name)
-            for role, tensor in _roles_for(a, spec, dialect).items():
-                out[base + spec["suffixes"][role]] = tensor
+            for suffix, tensor in _roles_for(a, spec, dialect).items():
+                out[base + suffix] = tensor
     if folded:
         notes.append(f"{folded} adapter(s) had an alpha/rank that is not a power of two: folded into float32 "
                      f"weights to stay exact (the {dialect} dialect stores no alpha).")
@@ -250,13 +250,15 @@ def _regroup(adapters: list[Adapter], module, *, slices: bool) -> list[Adapter]:
 
 def _roles_for(a: Adapter, spec: dict, dialect: str) -> dict[str, Tensor]:
     t = dict(a.tensors)
-    suffixes = spec["suffixes"]
+    suffixes = dict(spec["suffixes"])
+    if spec.get("lycoris"):
+        suffixes.update({role: "." + role for role in LOHA_ROLES + LOKR_ROLES})
     # DoRA magnitude: PEFT keeps [out], kohya/LyCORIS/ComfyUI keep dora_scale [out, 1]
     if "magnitude" in t and "magnitude" not in suffixes:
         t["dora_scale"] = t.pop("magnitude").reshape(-1, 1)
     if "dora_scale" in t and "dora_scale" not in suffixes:
         ds = t.pop("dora_scale")
-        if ds.dim() != 2 or ds.shape[1] != 1:
+        if ds.ndim != 2 or ds.shape[1] != 1:
             raise UnsupportedConversion(f"{a.module}: DoRA magnitude of shape {tuple(ds.shape)} is on the input axis; "
                                         f"the {dialect} dialect (PEFT) only has output-axis magnitudes.")
         t["magnitude"] = ds.reshape(-1)
@@ -269,7 +271,7 @@ def _roles_for(a: Adapter, spec: dict, dialect: str) -> dict[str, Tensor]:
             f"{a.module}: the {dialect} dialect cannot store {', '.join(unsupported)}.",
             hint="Write kohya or comfyui, which keep LoHa/LoKr/Tucker/diff tensors as they are.",
         )
-    return t
+    return {suffixes[role]: tensor for role, tensor in t.items()}
 
 
 def _peft_config(sd: dict[str, Tensor], arch: Architecture) -> dict:

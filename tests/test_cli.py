@@ -160,3 +160,19 @@ def test_convert_and_inspect_do_not_import_torch(kohya_file, tmp_path):
             "print('HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_output_file_mode_follows_umask(tmp_path, kohya_file):
+    import os
+    import stat
+
+    out = tmp_path / "o.safetensors"
+    assert run("convert", kohya_file, "--to", "comfyui", "-o", out).returncode == 0
+    old = os.umask(0)
+    os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~old
+
+
+def test_bfl_has_no_text_encoder_names(tmp_path, kohya_file):
+    proc = run("convert", kohya_file, "--to", "bfl", "-o", tmp_path / "o.safetensors")
+    assert_one_line_error(proc, "no names for text-encoder adapters", "comfyui or kohya")

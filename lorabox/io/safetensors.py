@@ -113,6 +113,12 @@ def check_output(out: str | os.PathLike, inputs: list, *, overwrite: bool = Fals
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None, *,
                   durable: bool = True) -> None:
     """Write a safetensors file atomically: a temporary file in the same folder, then rename.
@@ -141,6 +147,7 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata:
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode `open` would
         os.replace(tmp, path)
     except BaseException:
         try:

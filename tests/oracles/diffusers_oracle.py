@@ -107,11 +107,11 @@ class _Capture(logging.Handler):
         self._saved = []
         for name in _LIBRARY_LOGGERS:
             logger = logging.getLogger(name)
-            effective = logger.getEffectiveLevel()
             handler_levels = [(h, h.level) for h in logger.handlers]
-            for h, level in handler_levels:  # keep the console as quiet as it was
-                h.setLevel(max(level, effective))
-            self._saved.append((logger, logger.level, handler_levels))
+            for h, _ in handler_levels:  # the oracle reports what matters; keep the console quiet meanwhile
+                h.setLevel(logging.CRITICAL + 1)
+            self._saved.append((logger, logger.level, logger.propagate, handler_levels))
+            logger.propagate = False
             logger.setLevel(logging.DEBUG)
             logger.addHandler(self)
         from transformers.utils import logging as transformers_logging
@@ -129,9 +129,10 @@ class _Capture(logging.Handler):
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.enable_progress_bar()
-        for logger, level, handler_levels in self._saved:
+        for logger, level, propagate, handler_levels in self._saved:
             logger.removeHandler(self)
             logger.setLevel(level)
+            logger.propagate = propagate
             for h, hlevel in handler_levels:
                 h.setLevel(hlevel)
         return False

@@ -31,6 +31,7 @@ demo: $(VENV)/.core
 	$(BIN)/lorabox inspect .cache/demo/flux1_comfyui.safetensors
 
 test: $(VENV)/.test
+	@PY=$(BIN)/python bash scripts/get_oracles.sh >/dev/null  # 30 ms when present; restores a deleted .cache/
 	$(BIN)/python -m pytest -q
 
 fixtures: $(VENV)/.test

@@ -49,17 +49,20 @@ _EXPONENT = {"BF16": (np.uint16, 7, 0xFF), "F16": (np.uint16, 10, 0x1F), "F32": 
 
 def _scale_pow2(t: Tensor, k: int) -> Tensor | None:
     """`t * 2**k` by moving exponent bits (exact); None when some value would leave the normal range."""
-    if t.dtype not in _EXPONENT:
-        return None
+    if t.dtype not in _EXPONENT or k == 0:
+        return None if k else t
     view, shift, emax = _EXPONENT[t.dtype]
     bits = t.array.view(view)
-    e = ((bits >> shift) & emax).astype(np.int32)
-    zero = (bits & view((1 << (bits.itemsize * 8 - 1)) - 1)) == 0
-    ok = zero | ((e > 0) & (e + k > 0) & (e + k < emax))
-    if not ok.all():
-        return None
-    step = view(abs(k) << shift)
-    out = np.where(zero, bits, bits + step if k > 0 else bits - step).astype(view)
+    e = (bits >> view(shift)) & view(emax)
+    # zeros (either sign) stay as they are; other values need a normal exponent before and after
+    edge = (e <= -k) if k < 0 else (e >= emax - k)
+    edge |= e == 0
+    out = bits + view((k % (1 << (8 * bits.itemsize - shift))) << shift)  # wraps like two's complement
+    if edge.any():
+        magnitude = bits[edge] & view((1 << (8 * bits.itemsize - 1)) - 1)
+        if magnitude.any():
+            return None  # subnormal, overflow, inf or nan: let the float path decide
+        out[edge] = bits[edge]
     return Tensor(out.view(t.array.dtype), t.dtype)
 
 

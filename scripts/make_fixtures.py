@@ -26,7 +26,9 @@ checked by loading it through diffusers (tests/oracles/diffusers_oracle.fused_we
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 import sys
 import time
 from pathlib import Path
@@ -119,9 +121,26 @@ def make_peft(arch: str) -> Path:
     diffusers_oracle._pipeline_class(arch).save_lora_weights(
         FIXTURES, weight_name=path.name, safe_serialization=True, **layers, **metadata
     )
+    _sort_header_metadata(path)
     header = _header(path)
     assert "lora_adapter_metadata" in header, sorted(header)
     return path
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """safetensors writes ``__metadata__`` from a hash map, so the order of its entries ("format",
+    "lora_adapter_metadata") changes from run to run.  Rewrite the header with them sorted: same JSON content, same
+    length, stable bytes."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(size)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":")).encode()
+        assert len(canonical) == len(raw.rstrip(b" ")), "header is not safetensors' compact JSON"
+        f.seek(8)
+        f.write(canonical.ljust(size, b" "))
 
 
 # --------------------------------------------------------------------------- b. kohya with diffusers names

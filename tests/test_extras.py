@@ -118,3 +118,23 @@ def test_any_conversion_keeps_every_delta(arch, src, dst, rank, dtype, alpha, ev
     a, _ = _through(lora, src)
     b, _ = _through(a, dst)
     assert_same_deltas(lora, b)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("factor", [0.5, 0.125, 2.0, 1024.0, 0.75, 3.0])
+def test_scale_tensor_is_exact_or_widens(dtype, factor):
+    from lorabox.ops import scale_tensor
+
+    rng = np.random.default_rng(7)
+    t = Tensor.from_values(rng.standard_normal(4096) * 0.05, dtype)
+    t.array[:2] = 0
+    t.array[2] = t.array.dtype.type(1 << (8 * t.array.itemsize - 1))  # -0.0
+    out = scale_tensor(t, factor)
+    exact = t.values() * factor
+    if out.dtype == dtype:
+        assert np.array_equal(out.values(), exact)
+    else:
+        assert out.dtype == "F32"
+        assert np.abs(out.values() - exact).max() <= 2**-23 * np.abs(exact).max()
+    if dtype == "BF16" and factor in (0.5, 0.125, 2.0, 1024.0):
+        assert out.dtype == "BF16"  # powers of two stay in bf16

@@ -8,7 +8,7 @@
    checkpoint into diffusers weights) are run on an original checkpoint built from the table's canonical names,
    every weight row tagged with a unique code; each diffusers module must receive exactly the rows the table
    says (its slice of the canonical weight, in order; halves swapped for `swap_halves`).
-4. Every spelling of every module (kohya flattened, comfyui dotted, diffusers) resolves to that module.
+4. Every spelling of every module (kohya flattened, comfyui dotted, diffusers, aliases) resolves to that module.
 """
 from __future__ import annotations
 
@@ -252,6 +252,54 @@ def test_ldm_canonical_names_by_diffusers_converter(arch):
     assert len(converted) == len(sd)
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_ldm_block_children_are_contiguous(arch):
+    """convert_ldm_unet_checkpoint accepts an upsampler at `output_blocks.N.1.conv` or `.N.2.conv` alike, so it cannot
+    tell which index is right. The LDM/SGM UNet builds each input/output/middle block as a sequential of
+    [ResBlock, SpatialTransformer (if the level has attention), Down/Upsample (if last of a level)], all with weights:
+    the child indices of every block are 0..k-1 with no gap, and the blocks themselves are numbered with no gap."""
+    children: dict[str, set[int]] = {}
+    for canonical in unet_modules(arch):
+        parts = canonical.split(".")
+        if parts[0] in ("input_blocks", "output_blocks"):
+            children.setdefault(f"{parts[0]}.{parts[1]}", set()).add(int(parts[2]))
+        elif parts[0] == "middle_block":
+            children.setdefault("middle_block", set()).add(int(parts[1]))
+    for block, ks in children.items():
+        assert ks == set(range(len(ks))), (block, sorted(ks))
+    for kind in ("input_blocks", "output_blocks"):
+        ns = sorted(int(b.split(".")[1]) for b in children if b.startswith(kind + "."))
+        assert ns == list(range(len(ns))), (kind, ns)
+    assert len(children["middle_block"]) == 3
+
+    # each child is one diffusers container (a resnet, an attention or a sampler), never a mix, and vice versa;
+    # in a block the resnet comes first, the attention next and the sampler last
+    owner: dict[str, set[str]] = {}
+    for canonical, m in unet_modules(arch).items():
+        parts = canonical.split(".")
+        if parts[0] in ("input_blocks", "output_blocks", "middle_block"):
+            child = ".".join(parts[:2 if parts[0] == "middle_block" else 3])
+            dparts = m.diffusers[0].split(".")
+            owner.setdefault(child, set()).add(".".join(dparts[:3 if dparts[0] == "mid_block" else 4]))
+    assert all(len(v) == 1 for v in owner.values()), {k: v for k, v in owner.items() if len(v) != 1}
+    containers = [v.pop() for v in owner.values()]
+    assert len(set(containers)) == len(containers)
+    rank = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
+    kinds: dict[str, dict[int, int]] = {}
+    for child, container in zip(owner, containers):
+        block, k = child.rsplit(".", 1)
+        if block == "input_blocks.0":  # conv_in
+            assert container == "conv_in" and k == "0"
+            continue
+        kinds.setdefault(block, {})[int(k)] = rank[container.split(".")[-2]]
+    for block, by_k in kinds.items():
+        order = [by_k[k] for k in sorted(by_k)]
+        if block == "middle_block":
+            assert order == [0, 1, 0], (block, order)
+        else:
+            assert order == sorted(order) and len(set(order)) == len(order), (block, order)
+
+
 # --- 4. every spelling resolves ------------------------------------------------------------------------
 
 def spellings(arch: str):
@@ -263,6 +311,8 @@ def spellings(arch: str):
                 p = part if m.split else None
                 yield cname, comp.prefixes["diffusers"] + d, m, p
                 yield cname, comp.prefixes["kohya"] + d.replace(".", "_"), m, p
+            for alias in m.aliases:  # read-only spellings (xlabs), bare, on the whole weight
+                yield cname, alias, m, None
 
 
 @pytest.mark.parametrize("arch", ARCHS)

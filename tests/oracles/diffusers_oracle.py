@@ -90,6 +90,7 @@ _PROBLEM = re.compile(
 # Messages that do not mean a key was lost: diffusers injects LoRA layers from the state dict's own module names, so
 # a lora_adapter_metadata exclude_modules pattern never has anything left to exclude.
 _BENIGN = re.compile(r"You have passed exclude_modules=.* but no modules were excluded")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # transformers colours its load report
 _NO_LORA_KEYS = re.compile(r"No LoRA keys associated to \w+ found with the prefix='(\w+)'")
 
 
@@ -101,7 +102,7 @@ class _Capture(logging.Handler):
         self.records: list[tuple[str, int, str]] = []
 
     def emit(self, record):
-        self.records.append((record.name, record.levelno, record.getMessage()))
+        self.records.append((record.name, record.levelno, _ANSI.sub("", record.getMessage())))
 
     def __enter__(self):
         self._saved = []
@@ -236,21 +237,40 @@ def _repair_flux_kohya_toplevel(pipe, source, converted: dict[str, torch.Tensor]
     return out
 
 
+# kohya prefixes diffusers' converters route to a component of each pipeline; others are filtered out silently
+# (e.g. Flux lora_te3_ = T5, KNOWN_DIFFUSERS_BUGS["flux_kohya_t5_dropped"]).
+_KOHYA_PREFIX = re.compile(r"lora_(unet|transformer|te\d*)_")
+_KOHYA_PREFIXES = {
+    "sd15": ("lora_unet_", "lora_te_", "lora_te1_"),
+    "sdxl": ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"),
+    "flux1": ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_"),
+}
+
+
 def _load(arch: str, lora, *, wide: bool, metadata, repair_flux_kohya_toplevel: bool, tmpdir: str):
     """A fresh tiny pipeline with the LoRA loaded (not fused), after all strictness checks."""
     _check_arch(arch, wide)
     pipe = tiny_models.pipeline(arch, wide=wide)
     source = _as_source(lora, metadata, tmpdir)
+    original_keys = list(source) if isinstance(source, Mapping) else _safetensors_keys(source)
+    if repair_flux_kohya_toplevel and arch != "flux1":
+        raise ValueError("repair_flux_kohya_toplevel applies to flux1 only")
     with _Capture() as capture:
-        converted, network_alphas, lora_metadata = _converted(arch, pipe, source)
-        if repair_flux_kohya_toplevel:
-            if arch != "flux1":
-                raise ValueError("repair_flux_kohya_toplevel applies to flux1 only")
-            converted = _repair_flux_kohya_toplevel(pipe, source, converted)
-            source = converted  # already in diffusers' PEFT format, no alpha keys left
-        pipe.load_lora_weights(_copy_source(source))
+        try:
+            converted, network_alphas, lora_metadata = _converted(arch, pipe, source)
+            if repair_flux_kohya_toplevel:
+                converted = _repair_flux_kohya_toplevel(pipe, source, converted)
+                source = converted  # already in diffusers' PEFT format, no alpha keys left
+            pipe.load_lora_weights(_copy_source(source))
+        except (ValueError, KeyError, RuntimeError, TypeError, NotImplementedError) as error:
+            raise DiffusersOracleError(f"diffusers refused the LoRA: {type(error).__name__}: {error}") from error
 
     problems = capture.problems({k.split(".")[0] for k in converted})
+    unsupported = sorted(
+        k for k in original_keys if _KOHYA_PREFIX.match(k) and not k.startswith(_KOHYA_PREFIXES[arch])
+    )
+    if unsupported:
+        problems.append(f"kohya keys of a component diffusers' {arch} loader ignores: {unsupported}")
     loaded = set(LORA_COMPONENTS[arch])
     dropped = sorted(k for k in converted if k.split(".")[0] not in loaded)
     if dropped:
@@ -389,6 +409,13 @@ def diffusers_lora_state_dict(
             scales[f"{component}.{name}"] = float(layer.scaling[adapter])
     state_dict = {k: v.detach().clone() for k, v in _to_peft_names(arch, pipe, converted).items()}
     return DiffusersLora(state_dict, network_alphas or None, lora_metadata, scales)
+
+
+def _safetensors_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), "pt") as f:
+        return list(f.keys())
 
 
 def _read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -176,9 +176,9 @@ def test_flux_kohya_bfl_fixture():
 def test_flux_kohya_bfl_linear1_wide_fixture():
     tensors, _ = _read("flux1_kohya_bfl_linear1_wide")
     assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (21504, 1)
-    with torch.device("meta"):
-        from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
+    with torch.device("meta"):  # the layout needs names and shapes only
         wide_meta = FluxTransformer2DModel(**tiny_models.WIDE_FLUX_CONFIG)
     layout = {"lora_unet_" + k.replace(".", "_"): v for k, v in oracle.flux_bfl_layout(wide_meta).items()}
     base = oracle.base_weights("flux1", wide=True)

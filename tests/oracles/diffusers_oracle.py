@@ -10,9 +10,10 @@ The oracle is strict: it raises ``DiffusersOracleError`` (an ``AssertionError``)
 * diffusers, transformers or peft log or warn about keys they did not use ("unexpected keys", "missing keys",
   "Incompatible keys", "No LoRA keys associated ..." for a component the converted LoRA has keys for,
   "unsupported ... filter out", "alpha_pattern keys did not match", shape expansion, ...), or
-* a key is silently lost: diffusers' converted state dict (``Pipeline.lora_state_dict``) has a key whose prefix
-  is not a component the pipeline loads into, or the number of LoRA matrices per component differs from the
-  number of modules peft injected.
+* a key is silently lost: the input has kohya keys of a component the pipeline's converter filters out
+  (Flux ``lora_te3_``), diffusers' converted state dict (``Pipeline.lora_state_dict``) has a key whose prefix is
+  not a component the pipeline loads into, or the number of LoRA matrices per component differs from the number
+  of modules peft injected.
 
 The second check exists because diffusers 0.42.1 drops some keys without any message (see
 ``KNOWN_DIFFUSERS_BUGS``).
@@ -67,10 +68,11 @@ KNOWN_DIFFUSERS_BUGS = {
     "flux_kohya_t5_dropped": (
         "lora_te3_ (T5) keys are filtered out silently by the key filter of _convert_kohya_flux_lora_to_diffusers."
     ),
-    "sd_kohya_attention_alpha_pattern": (
-        "_get_alpha_name names attention alphas '...attn1.processor.to_q_lora.down.weight.alpha', so a kohya SD/SDXL "
-        "attention module whose alpha differs from the most common alpha gets the common one "
-        "(peft RuntimeWarning 'alpha_pattern keys did not match any targeted module')."
+    "sd_kohya_alpha_pattern": (
+        "kohya SD/SDXL alphas that differ from the most common alpha are lost for unet attention modules "
+        "(_get_alpha_name gives '...attn1.processor.to_q_lora.down.weight.alpha') and for every module of a "
+        "transformers-5 CLIPTextModel (alpha_pattern keeps 'text_model.', the state dict does not); the module "
+        "gets the most common alpha (peft RuntimeWarning 'alpha_pattern keys did not match any targeted module')."
     ),
 }
 

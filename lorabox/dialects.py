@@ -121,14 +121,19 @@ def read_state_dict(sd: dict[str, Tensor], arch: Architecture, metadata: dict[st
     return lora
 
 
+_FAMILIES = (("lora_transformer_", "onetrainer"), ("lora_", "kohya"), ("lycoris_", "lycoris"),
+             ("diffusion_model.", "comfyui"), ("text_encoders.", "comfyui"), ("base_model.model.", "peft"))
+
+
 def _spelling_name(p: ParsedKey) -> str:
+    """A readable name for how a key is spelled: the prefix family, and for kohya-style flat names which naming."""
     prefix = p.spelling
-    family = "kohya" if prefix.startswith("lora_") else "lycoris" if prefix.startswith("lycoris_") else \
-        "comfyui" if prefix.startswith(("diffusion_model.", "text_encoders.")) else \
-        "bare" if prefix == "(bare)" else "diffusers"
-    if p.hit.naming == "alias":
-        family = "xlabs"
-    return f"{family}/{p.hit.naming}"
+    family = next((name for start, name in _FAMILIES if prefix.startswith(start)), "diffusers")
+    if prefix == "(bare)":
+        family = "xlabs" if p.hit.naming == "alias" else "bare original names"
+    if family in ("kohya", "lycoris") and p.component == "unet":
+        family += " (diffusers names)" if p.hit.naming == "diffusers" else " (original names)"
+    return family
 
 
 def _check_shapes(a: Adapter, source: str) -> None:
@@ -276,11 +281,16 @@ def _roles_for(a: Adapter, spec: dict, dialect: str) -> dict[str, Tensor]:
 
 def _peft_config(sd: dict[str, Tensor], arch: Architecture) -> dict:
     """`lora_adapter_metadata` as diffusers' save_lora_weights writes it: a LoraConfig per component prefix.
-    Alphas are folded into the weights, so every module has scale 1 (lora_alpha = r, patterns mirrored)."""
+
+    Alphas are folded into the weights, so every module has scale 1 (lora_alpha = r, patterns mirrored). Module
+    names are written as their shortest dotted suffix that no other weight of the table shares: PEFT matches
+    targets by suffix, so they fit whether the installed transformers nests CLIP under `text_model.` or not.
+    """
     config: dict = {}
     for comp in arch.components.values():
         prefix = comp.prefixes["diffusers"]
-        ranks = {k[len(prefix):-len(".lora_A.weight")]: t.shape[0]
+        short = _short_names(comp.table.name)
+        ranks = {short.get(k[len(prefix):-len(".lora_A.weight")], k[len(prefix):-len(".lora_A.weight")]): t.shape[0]
                  for k, t in sd.items() if k.startswith(prefix) and k.endswith(".lora_A.weight")}
         if not ranks:
             continue
@@ -291,3 +301,18 @@ def _peft_config(sd: dict[str, Tensor], arch: Architecture) -> dict:
                "lora_bias": any(k.startswith(prefix) and k.endswith("lora_B.bias") for k in sd)}
         config.update({prefix + k: v for k, v in cfg.items()})
     return config
+
+
+@functools.lru_cache(maxsize=None)
+def _short_names(table_name: str) -> dict[str, str]:
+    """diffusers name -> its shortest dotted suffix that is a suffix of no other diffusers name of the table."""
+    from .keymap import load_table
+
+    names = [d for m in load_table(table_name).modules.values() for d in m.diffusers]
+    counts = Counter(tuple(n.split(".")[-k:]) for n in names for k in range(1, n.count(".") + 2))
+    out = {}
+    for n in names:
+        parts = n.split(".")
+        k = next((k for k in range(1, len(parts) + 1) if counts[tuple(parts[-k:])] == 1), len(parts))
+        out[n] = ".".join(parts[-k:])
+    return out

@@ -184,6 +184,7 @@ def load_table(name: str) -> Table:
             entries += sets[set_name]
         for env in _assignments(group, consts):
             cpre, dpre = group["canonical"].format(**env), group["diffusers"].format(**env)
+            alias_pres = [a.format(**env) for a in group.get("aliases", [])]
             for raw in entries:
                 c, d, split, op, aliases = _entry(raw)
                 module = Module(
@@ -201,6 +202,8 @@ def load_table(name: str) -> Table:
                     _add_spelling(table, dname, Hit(module, part if module.split else None, "diffusers"))
                 for alias in module.aliases:
                     _add_spelling(table, alias, Hit(module, None, "alias"))
+                for apre in alias_pres:  # another spelling of the whole group prefix, read only
+                    _add_spelling(table, _join(apre, c.format(**env)), Hit(module, None, "alias"))
     return table
 
 

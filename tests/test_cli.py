@@ -176,3 +176,18 @@ def test_output_file_mode_follows_umask(tmp_path, kohya_file):
 def test_bfl_has_no_text_encoder_names(tmp_path, kohya_file):
     proc = run("convert", kohya_file, "--to", "bfl", "-o", tmp_path / "o.safetensors")
     assert_one_line_error(proc, "no names for text-encoder adapters", "comfyui or kohya")
+
+
+def test_header_length_with_a_0x80_low_byte_is_not_a_pickle(tmp_path):
+    """A safetensors header of 128 + 256k bytes starts with byte 0x80, like a pickle: it must still read."""
+    from lorabox.io.safetensors import read_tensors
+
+    for pad in range(0, 300):
+        tensors = {"lora_unet_x" + "y" * pad + ".lora_down.weight": Tensor.zeros((1, 1), "F32")}
+        path = tmp_path / "t.safetensors"
+        write_tensors(path, tensors)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        raise AssertionError("no header with a 0x80 first byte was produced")
+    assert list(read_tensors(path)[0]) == list(tensors)

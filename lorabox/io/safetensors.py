@@ -33,17 +33,19 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
     _check_path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+        looks_safetensors = len(head) == 9 and head[8:9] == b"{"
+        if not looks_safetensors and (head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05")):
             raise InputFileError(
                 f"{path}: is a pickle checkpoint (.ckpt/.pt/.bin), which can run code when loaded.",
                 hint="lorabox reads only .safetensors; convert it with a tool you trust first.")
         if len(head) < 8:
             raise InputFileError(f"{path}: is {size} bytes, too short to be a safetensors file.")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n > min(size - 8, MAX_HEADER):
             raise InputFileError(f"{path}: the safetensors header claims {n} bytes but the file has {size}: "
                                  f"truncated or not a safetensors file.", hint="Download it again.")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw)

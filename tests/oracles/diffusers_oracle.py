@@ -231,9 +231,13 @@ def _repair_flux_kohya_toplevel(pipe, source, converted: dict[str, torch.Tensor]
     for key, value in converted.items():
         module, _, suffix = key.partition(".lora_")
         if key.split(".")[0] not in LORA_COMPONENTS["flux1"] and module in modules:
-            if module in final_layer and suffix.startswith("B") and f"{final_layer[module]}.alpha" in original:
-                rank = original[f"{final_layer[module]}.lora_down.weight"].shape[0]
-                value = value * (original[f"{final_layer[module]}.alpha"].item() / rank)
+            if module in final_layer and suffix.startswith("B"):
+                # kohya spells it lora_unet_final_layer_linear, ComfyUI diffusion_model.final_layer.linear
+                for stem in (final_layer[module], "diffusion_model." + final_layer[module][len("lora_unet_"):]
+                             .replace("final_layer_", "final_layer.").replace("adaLN_modulation_1", "adaLN_modulation.1")):
+                    if f"{stem}.alpha" in original:
+                        rank = original[f"{stem}.lora_down.weight"].shape[0]
+                        value = value * (original[f"{stem}.alpha"].item() / rank)
             key = f"transformer.{key}"
         out[key] = value
     return out

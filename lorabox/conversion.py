@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .detect import detect_architecture
-from .dialects import PEFT_METADATA_KEY, WRITE_DIALECTS, read_state_dict, write_state_dict
+from .dialects import FOLDED_ALPHA_KEY, PEFT_METADATA_KEY, WRITE_DIALECTS, read_state_dict, write_state_dict
 from .io.safetensors import check_output, read_tensors, write_tensors
 from .keymap import load_architecture
 from .lora import Lora
@@ -64,7 +64,8 @@ def convert(lora: Lora, to: str) -> ConvertResult:
     """
     arch = load_architecture(lora.architecture)
     tensors, extra_meta, notes = write_state_dict(lora, arch, to)
-    metadata = {k: v for k, v in lora.metadata.items() if k != PEFT_METADATA_KEY}
+    # what described the source's spelling does not describe the output
+    metadata = {k: v for k, v in lora.metadata.items() if k not in (PEFT_METADATA_KEY, FOLDED_ALPHA_KEY)}
     metadata.setdefault("format", "pt")
     metadata.update(extra_meta)
     metadata["lorabox.convert"] = json.dumps(

@@ -13,6 +13,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import ops
 from .errors import ShapeMismatch, UnmappedKeysError, UnsupportedConversion
 from .keymap import Architecture, Component, Hit, load_architecture, load_dialects
@@ -21,6 +23,7 @@ from .tensor import Tensor
 
 WRITE_DIALECTS = ("kohya", "diffusers", "comfyui", "bfl")
 PEFT_METADATA_KEY = "lora_adapter_metadata"
+FOLDED_ALPHA_KEY = "lorabox.folded_alpha"  # how alphas were folded into a file without alphas, to undo it on read
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def read_state_dict(sd: dict[str, Tensor], arch: Architecture, metadata: dict[st
         raise _unmapped(unknown, arch, source)
     lora.dropped = sorted(unknown)
     peft_meta = _peft_metadata(metadata)
+    folded = _json(metadata.get(FOLDED_ALPHA_KEY))
     for (component, _module, part, naming), entry in raw.items():
         tensors = entry["tensors"]
         hit: Hit = entry["hit"]
@@ -107,7 +111,12 @@ def read_state_dict(sd: dict[str, Tensor], arch: Architecture, metadata: dict[st
         if not any(r != "alpha" for r in tensors):
             continue  # a stray alpha with no factors: nothing to apply (kohya writes these for skipped layers)
         adapter = Adapter(component, hit.module.canonical, part, tensors, alpha)
-        if alpha is None and peft_meta and adapter.kind == "lora":
+        if alpha is None and folded and _record_key(adapter) in folded:
+            entry = folded[_record_key(adapter)]
+            restored = ops.unfold_alpha(adapter, Tensor.from_values(
+                np.full(entry["shape"], entry["alpha"], dtype=np.float64), entry["dtype"]), entry["factors"], entry["dtypes"])
+            adapter = restored or adapter
+        elif alpha is None and peft_meta and adapter.kind == "lora":
             adapter.alpha = _peft_alpha(peft_meta, arch.components[component], hit, adapter)
         _check_shapes(adapter, source)
         if naming == "diffusers":
@@ -163,13 +172,21 @@ def _unmapped(keys: list[str], arch: Architecture, source: str) -> UnmappedKeysE
 
 
 def _peft_metadata(metadata: dict[str, str]) -> dict | None:
-    raw = metadata.get(PEFT_METADATA_KEY)
+    return _json(metadata.get(PEFT_METADATA_KEY))
+
+
+def _json(raw: str | None) -> dict | None:
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError:
         return None
+    return value if isinstance(value, dict) else None
+
+
+def _record_key(a: Adapter) -> str:
+    return f"{a.component}:{a.module}" + ("" if a.part is None else f":{a.part}")
 
 
 def _peft_alpha(meta: dict, comp: Component, hit: Hit, adapter: Adapter) -> Tensor | None:
@@ -202,6 +219,7 @@ def write_state_dict(lora: Lora, arch: Architecture, dialect: str) -> tuple[dict
     out: dict[str, Tensor] = {}
     notes: list[str] = []
     folded = 0
+    record: dict[str, dict] = {}
     for (component, module_name), adapters in sorted(lora.by_module().items()):
         comp = arch.components[component]
         module = comp.table.modules[module_name]
@@ -210,7 +228,12 @@ def write_state_dict(lora: Lora, arch: Architecture, dialect: str) -> tuple[dict
                 a = ops.apply_row_op(a, module.op)
             if spec["alpha"] == "fold" and a.alpha is not None:
                 before = {r: t.dtype for r, t in a.tensors.items()}
-                a = ops.fold_alpha(a)
+                alpha = a.alpha
+                a, factors = ops.fold_alpha_with_factors(a)
+                if factors:
+                    record[_record_key(a)] = {"alpha": float(alpha.values().reshape(-1)[0]), "dtype": alpha.dtype,
+                                              "shape": list(alpha.shape), "factors": factors,
+                                              "dtypes": {r: before[r] for r in factors}}
                 if any(a.tensors[r].dtype != d for r, d in before.items()):
                     folded += 1
             name = module.canonical if naming == "canonical" else module.diffusers[a.part or 0]
@@ -221,6 +244,8 @@ def write_state_dict(lora: Lora, arch: Architecture, dialect: str) -> tuple[dict
         notes.append(f"{folded} adapter(s) had an alpha/rank that is not a power of two: folded into float32 "
                      f"weights to stay exact (the {dialect} dialect stores no alpha).")
     meta = {}
+    if record:
+        meta[FOLDED_ALPHA_KEY] = json.dumps(record, sort_keys=True, separators=(",", ":"))
     if spec.get("peft_metadata"):
         meta[PEFT_METADATA_KEY] = json.dumps(_peft_config(out, arch), indent=2, sort_keys=True)
     return out, meta, notes

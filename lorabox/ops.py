@@ -86,26 +86,50 @@ def scale_tensor(t: Tensor, factor: float) -> Tensor:
 
 def fold_alpha(adapter: Adapter) -> Adapter:
     """The same delta with no alpha (scale 1): the scale moves into the factors."""
+    return fold_alpha_with_factors(adapter)[0]
+
+
+def fold_alpha_with_factors(adapter: Adapter) -> tuple[Adapter, dict[str, float]]:
+    """`fold_alpha`, and the factor each tensor was multiplied by (what `unfold_alpha` needs to undo it)."""
     t = dict(adapter.tensors)
     s = adapter.scale
     kind = adapter.kind
     if adapter.alpha is None or kind == "full" or s == 1.0:
-        return Adapter(adapter.component, adapter.module, adapter.part, t, None)
+        return Adapter(adapter.component, adapter.module, adapter.part, t, None), {}
+    factors: dict[str, float] = {}
     if kind == "lora":
         m, e = math.frexp(s)
         if m == 0.5:  # a power of two: split it between both factors, exactly, keeping magnitudes balanced
             e_down = (e - 1) // 2
-            down, up = scale_tensor(t["down"], 2.0 ** e_down), scale_tensor(t["up"], 2.0 ** (e - 1 - e_down))
+            f_down, f_up = 2.0 ** e_down, 2.0 ** (e - 1 - e_down)
+            down, up = scale_tensor(t["down"], f_down), scale_tensor(t["up"], f_up)
             if down.dtype == t["down"].dtype and up.dtype == t["up"].dtype:
                 t["down"], t["up"] = down, up
-                return Adapter(adapter.component, adapter.module, adapter.part, t, None)
-        t["up"] = scale_tensor(t["up"], s)
+                factors = {r: f for r, f in (("down", f_down), ("up", f_up)) if f != 1.0}
+                return Adapter(adapter.component, adapter.module, adapter.part, t, None), factors
+        factors = {"up": s}
     elif kind == "loha":
-        t["hada_w1_a"] = scale_tensor(t["hada_w1_a"], s)
+        factors = {"hada_w1_a": s}
     else:
-        key = "lokr_w1" if "lokr_w1" in t else "lokr_w1_a"
-        t[key] = scale_tensor(t[key], s)
-    return Adapter(adapter.component, adapter.module, adapter.part, t, None)
+        factors = {"lokr_w1" if "lokr_w1" in t else "lokr_w1_a": s}
+    for role, f in factors.items():
+        t[role] = scale_tensor(t[role], f)
+    return Adapter(adapter.component, adapter.module, adapter.part, t, None), factors
+
+
+def unfold_alpha(adapter: Adapter, alpha: Tensor, factors: dict[str, float], dtypes: dict[str, str]) -> Adapter | None:
+    """Undo `fold_alpha_with_factors`: the original tensors and alpha, or None if folding them again would not
+    give back exactly the tensors at hand (then they were changed since, and are better left as they are)."""
+    t = dict(adapter.tensors)
+    for role, f in factors.items():
+        if role not in t:
+            return None
+        folded = t[role]
+        original = Tensor.from_values(folded.values() / f, dtypes.get(role, folded.dtype))
+        if not scale_tensor(original, f).bits_equal(folded):
+            return None
+        t[role] = original
+    return Adapter(adapter.component, adapter.module, adapter.part, t, alpha)
 
 
 def _out_rows(a: Adapter) -> int:

@@ -53,3 +53,21 @@ def test_comfy_applies_lorabox_delta(arch, dialect):
 def _spelled(lora, dialect):
     res = convert(lora, dialect)
     return res.tensors, res.metadata
+
+
+FIXTURE_FILES = ["sd15_peft", "sd15_kohya_diffusers_names", "sdxl_peft", "sdxl_kohya_diffusers_names", "sdxl_kohya_sgm",
+                 "flux1_peft", "flux1_kohya_bfl", "flux1_kohya_bfl_linear1_wide"]
+
+
+@pytest.mark.parametrize("name", FIXTURE_FILES)
+@pytest.mark.parametrize("dialect", ["comfyui", "kohya"])
+def test_comfy_consumes_conversions_of_real_library_files(name, dialect):
+    """Files written by diffusers/PEFT code paths (fixtures/), converted: ComfyUI loads every key."""
+    from pathlib import Path
+
+    from lorabox.conversion import load_lora
+
+    arch = name.split("_")[0]
+    lora = load_lora(Path(__file__).resolve().parents[1] / "fixtures" / f"{name}.safetensors")
+    res = convert(lora, dialect)
+    assert_comfy_loads_all(arch, to_torch(res.tensors))

@@ -60,3 +60,23 @@ def test_fuse_then_split_gives_back_the_slices(arch):
     for key, a in lora.adapters.items():
         for role in a.tensors:
             assert a.tensors[role].bits_equal(back.adapters[key].tensors[role]), (key, role)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("via", ["diffusers", "bfl"])
+@pytest.mark.parametrize("alpha,dtype", [(2.0, "BF16"), (3.0, "BF16"), (16.0, "F16"), (1.0, "F32")])
+def test_round_trip_through_a_dialect_without_alpha_gives_back_the_original(arch, via, alpha, dtype):
+    """kohya -> diffusers/bfl (alpha folded into the weights) -> kohya: the original tensors and alphas, bit for bit,
+    from the `lorabox.folded_alpha` record; without the record the deltas are still equal."""
+    lora = random_lora(arch, every=2, alpha=alpha, dtype=dtype, text_encoders=(via != "bfl"))
+    kohya, _ = _through(lora, "kohya")
+    folded, res = _through(kohya, via)
+    assert all(a.alpha is not None for a in folded.adapters.values())  # restored on read
+    back, _ = _through(folded, "kohya")
+    for key, a in lora.adapters.items():
+        b = back.adapters[key]
+        for role in a.tensors:
+            assert a.tensors[role].bits_equal(b.tensors[role]), (key, role)
+        assert a.alpha.bits_equal(b.alpha), key
+    stripped = {k: v for k, v in res.metadata.items() if k != "lorabox.folded_alpha"}
+    assert_same_deltas(lora, lora_from_state_dict(res.tensors, stripped, arch=arch))

@@ -85,13 +85,24 @@ def detect_architecture(tensors: dict[str, Tensor], metadata: dict[str, str], *,
     ranked = candidates(tensors, metadata)
     best = ranked[0]
     if best.parsed == 0:
-        sample = ", ".join(sorted(tensors)[:3])
-        looks = " It looks like a full model checkpoint, not a LoRA." if not any(
-            ("lora" in k or "alpha" in k or "hada" in k or "lokr" in k) for k in tensors) else ""
-        raise NotALoraError(f"{source}: no key names a LoRA weight of a known architecture "
-                            f"({', '.join(architecture_names())}); keys look like {sample}.{looks}")
+        raise NotALoraError(f"{source}: " + describe_unknown(tensors))
     tied = [c for c in ranked if c.rank() == best.rank()]
     if len(tied) > 1:
         names = " or ".join(c.architecture for c in tied)
         raise UnknownArchitecture(f"{source}: the keys fit {names} equally well.", hint="Pass --arch to choose.")
     return best.architecture
+
+
+def describe_unknown(tensors: dict[str, Tensor]) -> str:
+    """What a file that no table explains looks like, and what was missing."""
+    from .dialects import _suffixes
+
+    sample = ", ".join(sorted(tensors)[:3])
+    lora_keys = [k for k in tensors if any(k.endswith(sfx) for sfx, _, _ in _suffixes())]
+    known = ", ".join(architecture_names())
+    if not lora_keys:
+        return (f"no LoRA tensors (no key ends in .lora_down.weight, .lora_A.weight, .alpha, .hada_w1_a, ...); "
+                f"keys look like {sample}. It looks like a full model checkpoint or another kind of file, not a LoRA.")
+    return (f"{len(lora_keys)} of {len(tensors)} keys are spelled like LoRA tensors, but no key map "
+            f"({known}) names their modules; keys look like {sample}. It may be a LoRA for an architecture lorabox "
+            f"has no table for yet.")

@@ -191,3 +191,11 @@ def test_header_length_with_a_0x80_low_byte_is_not_a_pickle(tmp_path):
     else:
         raise AssertionError("no header with a 0x80 first byte was produced")
     assert list(read_tensors(path)[0]) == list(tensors)
+
+
+def test_lora_of_an_unknown_architecture_says_what_it_looked_like(tmp_path):
+    src = tmp_path / "wan.safetensors"
+    write_tensors(src, {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": Tensor.zeros((4, 8), "BF16"),
+                        "diffusion_model.blocks.0.self_attn.q.lora_B.weight": Tensor.zeros((8, 4), "BF16")})
+    proc = run("inspect", src)
+    assert_one_line_error(proc, "2 of 2 keys are spelled like LoRA tensors", "no key map", "no table for yet")

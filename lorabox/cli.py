@@ -138,5 +138,81 @@ def convert_cmd(src, to, output, arch, drop_unknown, overwrite, as_json):
         click.echo(f"note: {note}", err=True)
 
 
+def _lora_spec(value: str, default: float) -> tuple[str, float]:
+    """`path` or `path:ratio`; a value that names an existing file is a path, even with a `:` in it."""
+    import os
+
+    from .errors import LoraboxError
+
+    path, sep, tail = value.rpartition(":")
+    if not sep or not path or os.path.exists(value):
+        return value, default
+    try:
+        return path, float(tail)
+    except ValueError:
+        raise LoraboxError(f"--lora {value}: the ratio {tail!r} is not a number.",
+                           hint="Write --lora FILE:0.8.") from None
+
+
+def _block_ratio(value: str) -> tuple[str, float]:
+    from .errors import LoraboxError
+
+    pattern, sep, ratio = value.rpartition("=")
+    try:
+        if not sep or not pattern:
+            raise ValueError
+        return pattern, float(ratio)
+    except ValueError:
+        raise LoraboxError(f"--block-ratio {value}: expected PATTERN=NUMBER.",
+                           hint="For example --block-ratio 'single_blocks.*=0.5'.") from None
+
+
+@main.command("merge")
+@click.argument("base", type=click.Path())
+@click.option("--lora", "loras", multiple=True, required=True, metavar="FILE[:RATIO]",
+              help="A LoRA to merge, with its own ratio. Repeat for several.")
+@click.option("--ratio", type=float, default=1.0, show_default=True, help="Ratio for LoRAs given without one.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Output file (a folder for a folder base).")
+@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
+              help="Dtype of the output's floating tensors.")
+@click.option("--block-ratio", "block_ratios", multiple=True, metavar="PATTERN=R",
+              help="Multiply the ratio on canonical modules matching PATTERN (fnmatch), e.g. 'double_blocks.1*=0.5'.")
+@arch_option
+@click.option("--drop-unknown", is_flag=True, help="Merge without adapters that land on no base weight, and report them.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
+@json_option
+def merge_cmd(base, loras, ratio, output, dtype, block_ratios, arch, drop_unknown, overwrite, as_json):
+    """Merge LoRAs into a base checkpoint, streaming tensor by tensor in bounded memory.
+
+    BASE is a .safetensors checkpoint (SD1.5/SDXL single file, BFL or ComfyUI-packaged FLUX.1) or a diffusers
+    model folder. Deltas are computed in float64 and rounded once.
+
+    \b
+    Example:
+      lorabox merge flux1-dev.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.3 -o merged.safetensors
+    """
+    from tqdm import tqdm
+
+    from .merge.engine import merge
+
+    specs = [_lora_spec(v, ratio) for v in loras]
+    patterns = [_block_ratio(v) for v in block_ratios]
+    with tqdm(total=0, unit="B", unit_scale=True, desc="merge", disable=as_json, leave=False) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        report = merge(base, specs, output, dtype=dtype, block_ratios=patterns, drop_unknown=drop_unknown,
+                       arch=arch, overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    click.echo(f"{base} ({report.architecture}, {report.layout} layout) + {len(specs)} LoRA(s) -> {report.output}: "
+               f"{report.merged} of {report.tensors} tensors changed, {report.seconds:.1f} s")
+    if report.dropped:
+        click.echo(f"dropped {len(report.dropped)} adapter(s) that land nowhere: {', '.join(report.dropped[:10])}",
+                   err=True)
+
+
 if __name__ == "__main__":
     main()

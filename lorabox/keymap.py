@@ -84,6 +84,7 @@ class Architecture:
     components: dict[str, Component]
     kohya_naming: str
     modelspec: str | None
+    layouts: dict[str, dict[str, dict]] = field(default_factory=dict)  # base checkpoint layouts (merge)
 
     @property
     def unet(self) -> Component:
@@ -232,4 +233,4 @@ def load_architecture(name: str) -> Architecture:
         prefixes = {k: spec[k] for k in DIALECT_SPELLINGS}
         components[cname] = Component(cname, table, prefixes, tuple(spec.get("read", ())))
     return Architecture(name, data.get("title", name), components, data.get("kohya_naming", "canonical"),
-                        data.get("modelspec"))
+                        data.get("modelspec"), dict(data.get("layouts", {})))

@@ -17,16 +17,19 @@ from .lora import ROW_ROLES, Adapter
 from .tensor import Tensor, promote
 
 
-def swap_halves(t: Tensor) -> Tensor:
-    """Swap the two halves of the first axis: BFL's adaLN (shift, scale) <-> diffusers' (scale, shift)."""
-    n = t.shape[0]
+def swap_halves_rows(n: int) -> np.ndarray:
+    """Row permutation swapping the two halves: BFL's adaLN (shift, scale) <-> diffusers' (scale, shift)."""
     if n % 2:
-        raise ShapeMismatch(f"swap_halves needs an even number of rows, got {list(t.shape)}")
-    return Tensor.concat([t[n // 2:], t[: n // 2]])
+        raise ShapeMismatch(f"swap_halves needs an even number of rows, got {n}")
+    return np.concatenate([np.arange(n // 2, n), np.arange(0, n // 2)])
 
 
-# name -> (forward: canonical -> diffusers layout, inverse: diffusers -> canonical)
-ROW_OPS = {"swap_halves": (swap_halves, swap_halves)}
+# name -> (rows of canonical -> diffusers layout, rows of the inverse): `diffusers = canonical[perm(n)]`
+ROW_OPS = {"swap_halves": (swap_halves_rows, swap_halves_rows)}
+
+
+def swap_halves(t: Tensor) -> Tensor:
+    return t[swap_halves_rows(t.shape[0])]
 
 
 def _is_row_tensor(role: str, t: Tensor) -> bool:
@@ -38,8 +41,8 @@ def _is_row_tensor(role: str, t: Tensor) -> bool:
 def apply_row_op(adapter: Adapter, op: str | None, *, inverse: bool = False) -> Adapter:
     if op is None:
         return adapter
-    fn = ROW_OPS[op][1 if inverse else 0]
-    tensors = {r: fn(t) if _is_row_tensor(r, t) else t for r, t in adapter.tensors.items()}
+    perm = ROW_OPS[op][1 if inverse else 0]
+    tensors = {r: t[perm(t.shape[0])] if _is_row_tensor(r, t) else t for r, t in adapter.tensors.items()}
     return Adapter(adapter.component, adapter.module, adapter.part, tensors, adapter.alpha)
 
 

@@ -157,3 +157,81 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata:
         except FileNotFoundError:
             pass
         raise
+
+
+class StreamWriter:
+    """Write a safetensors file tensor by tensor: the header is laid out from shapes and dtypes known in advance,
+    then each tensor is appended in order, so memory does not grow with the file. Atomic: a temporary file in the
+    target folder, renamed on `close()`; any exception (an interrupt, a full disk) removes it.
+
+    Metadata values may hold placeholders (`reserve`) that are overwritten in place at the end with a value of
+    the same length, e.g. a digest computed while streaming.
+    """
+
+    def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        self._expect = []
+        for name, dtype, shape in entries:
+            n = int(np.prod(shape, dtype=np.int64)) * storage_dtype(dtype).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._expect.append((name, dtype, tuple(shape), n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._header = raw
+        self.size = 8 + len(raw) + offset
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        self._f = os.fdopen(fd, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, t: Tensor) -> None:
+        want_name, dtype, shape, n = self._expect[self._next]
+        if name != want_name or t.dtype != dtype or t.shape != shape:
+            raise ValueError(f"stream writer: expected {want_name} {dtype} {list(shape)}, got {name} {t.dtype} {list(t.shape)}")
+        self._f.write(np.ascontiguousarray(t.array).data)
+        self._next += 1
+
+    def fill(self, placeholder: str, value: str) -> None:
+        """Replace a metadata placeholder (same length) in the header already written."""
+        if len(placeholder) != len(value):
+            raise ValueError("placeholder and value must have the same length")
+        at = self._header.index(placeholder.encode())
+        self._f.flush()
+        self._f.seek(8 + at)
+        self._f.write(value.encode())
+        self._f.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        if self._next != len(self._expect):
+            raise ValueError(f"stream writer: {len(self._expect) - self._next} tensors were never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.chmod(self._tmp, 0o666 & ~_umask())
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+        return False

@@ -1,0 +1,1 @@
+"""Streaming merge of LoRAs into base checkpoints (see engine.merge)."""

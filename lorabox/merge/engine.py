@@ -1,0 +1,256 @@
+"""The streaming merge: base tensors are read one at a time (the next one is read while the current one is
+computed, the previous one written), LoRA deltas are added in float64 row blocks, and the result is rounded once
+(as torch rounds: to float32, then to the output dtype) and appended to a safetensors stream. Memory holds a few
+tensors whatever the checkpoint size; the output is atomic and carries a `lorabox.merge` record."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..conversion import load_lora
+from ..errors import OutputError
+from ..io.safetensors import StreamWriter, same_file
+from ..tensor import Tensor
+from .base import BaseCheckpoint, Shard, TensorInfo, open_base
+from .math import DeltaCache, apply_bias, apply_weight_block
+from .plan import Plan, make_plan
+
+DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+FLOATS = ("F64", "F32", "F16", "BF16")
+BLOCK_BYTES = 64 << 20  # float64 working set of one row block
+PENDING = "?" * 64  # placeholder for the base digest, filled in once the shard has been read
+
+
+@dataclass
+class MergeReport:
+    output: str
+    architecture: str
+    layout: str
+    loras: list[dict]
+    tensors: int = 0
+    merged: int = 0
+    dropped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def out_dtype(policy: str, dtype: str) -> str:
+    target = DTYPES[policy]
+    return dtype if target is None or dtype not in FLOATS else target
+
+
+def round_to(w: np.ndarray, dtype: str) -> Tensor:
+    """float64 -> dtype the way torch's `.to(dtype)` does it (through float32, round-to-nearest-even)."""
+    if dtype == "F64":
+        return Tensor(w, "F64")
+    f32 = w.astype(np.float32)
+    if dtype == "F32":
+        return Tensor(f32, "F32")
+    if dtype == "F16":
+        return Tensor(f32.astype(np.float16), "F16")
+    return Tensor.from_values(f32, dtype)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], output: str | os.PathLike, *,
+          dtype: str = "keep", block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False,
+          arch: str | None = None, overwrite: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> MergeReport:
+    """Merge LoRAs at their ratios into a base checkpoint, streaming, and write `output` atomically.
+
+    Args:
+        base_path: a .safetensors checkpoint (single-file SD1.5/SDXL, BFL or ComfyUI-packaged Flux) or a diffusers
+            model folder (sharded safetensors with an index).
+        loras: (path, ratio) pairs; any dialect lorabox reads.
+        output: a file (or a folder, for a folder base); never an input.
+        dtype: keep | bf16 | fp16 | fp32 for the floating tensors of the output.
+        block_ratios: (fnmatch pattern on canonical module names, ratio) pairs multiplying the LoRA ratios.
+    Returns:
+        A MergeReport.
+    Example:
+        >>> merge("flux1-dev.safetensors", [("style.safetensors", 0.8)], "flux1-dev-style.safetensors")
+    """
+    started = time.perf_counter()
+    base = open_base(base_path)
+    output = Path(output)
+    inputs = [Path(base_path), *[Path(p) for p, _ in loras]]
+    _check_output(output, inputs, base, overwrite)
+    if dtype not in DTYPES:
+        raise OutputError(f"unknown --dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
+    read = [(load_lora(p), float(r)) for p, r in loras]
+    plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
+    _check_space(base, output, dtype)
+    record = {"lorabox": __version__, "architecture": plan.architecture, "layout": plan.layout, "dtype": dtype,
+              "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
+              "block_ratios": [[p, r] for p, r in block_ratios], "dropped": len(plan.dropped)}
+    report = MergeReport(str(output), plan.architecture, plan.layout, record["loras"], dropped=plan.dropped)
+    total = base.nbytes
+    done = 0
+
+    def tick(n):
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    if base.folder:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+        try:
+            for shard in base.shards:
+                report.bytes_written += _merge_shard(shard, plan, tmp_dir / shard.path.name, dtype, record, report, tick)
+            for extra in sorted(base.path.iterdir()):
+                if extra.is_file() and not extra.name.endswith(".safetensors"):
+                    shutil.copy2(extra, tmp_dir / extra.name)
+            if output.exists():
+                shutil.rmtree(output)
+            os.replace(tmp_dir, output)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    else:
+        report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, record, report, tick)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _check_output(output: Path, inputs: list[Path], base: BaseCheckpoint, overwrite: bool) -> None:
+    for src in inputs:
+        if same_file(output, src) or (src.is_dir() and output.resolve().is_relative_to(src.resolve())):
+            raise OutputError(f"{output}: is (inside) an input; lorabox never overwrites its inputs.",
+                              hint="Choose another output path with -o.")
+    if base.folder and output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: the base is a folder, so the output must be a folder too.")
+    if not base.folder and output.is_dir():
+        raise OutputError(f"{output}: is a directory.", hint="Give a file name.")
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: already exists.", hint="Pass --overwrite or choose another path with -o.")
+    if not output.parent.exists():
+        raise OutputError(f"{output.parent}: no such directory.")
+
+
+def _check_space(base: BaseCheckpoint, output: Path, dtype: str) -> None:
+    need = 0
+    for info in base.tensors.values():
+        width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(out_dtype(dtype, info.dtype))
+        need += info.nbytes if width is None else info.nbytes // max(1, _width(info.dtype)) * width
+    free = shutil.disk_usage(output.parent).free
+    if need > free:
+        raise OutputError(f"{output.parent}: needs {need / 1e9:.1f} GB for the output, {free / 1e9:.1f} GB free.",
+                          hint="Free some space or write elsewhere.")
+
+
+def _width(dtype: str) -> int:
+    from ..tensor import storage_dtype
+
+    return storage_dtype(dtype).itemsize
+
+
+def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, record: dict, report: MergeReport, tick) -> int:
+    entries = [(t.name, out_dtype(dtype, t.dtype), t.shape) for t in shard.tensors]
+    rec = dict(record, base={"file": shard.path.name, "sha256": PENDING})
+    metadata = dict(shard.metadata)
+    metadata["lorabox.merge"] = json.dumps(rec, sort_keys=True)
+    hasher = hashlib.sha256()
+    fd = os.open(shard.path, os.O_RDONLY)
+    try:
+        with StreamWriter(path, entries, metadata) as writer:
+            _stream(shard, fd, hasher, plan, dtype, writer, report, tick)
+            writer.fill(PENDING, hasher.hexdigest())
+            size = writer.size
+    finally:
+        os.close(fd)
+    return size
+
+
+def _read_in_order(shard: Shard, fd: int, hasher):
+    """A generator of (info, Tensor) in file order that also hashes every byte of the file."""
+    pos = 0
+    for info in shard.tensors:
+        start = pos
+        buf = bytearray(info.offset + info.nbytes - start)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = os.preadv(fd, [view[got:]], start + got)
+            if n == 0:
+                from ..errors import InputFileError
+
+                raise InputFileError(f"{shard.path}: ends inside tensor {info.name!r}: truncated.")
+            got += n
+        hasher.update(view)
+        pos = info.offset + info.nbytes
+        from ..tensor import storage_dtype
+
+        arr = np.frombuffer(buf, dtype=storage_dtype(info.dtype), offset=len(buf) - info.nbytes).reshape(info.shape)
+        yield info, Tensor(arr, info.dtype)
+    tail = os.fstat(fd).st_size - pos
+    if tail > 0:
+        hasher.update(os.pread(fd, tail, pos))
+
+
+def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, writer: StreamWriter, report: MergeReport, tick):
+    reader = _read_in_order(shard, fd, hasher)
+    with ThreadPoolExecutor(1) as read_pool, ThreadPoolExecutor(1) as write_pool:
+        pending_read = read_pool.submit(next, reader, None)
+        pending_write = None
+        while True:
+            item = pending_read.result()
+            if item is None:
+                break
+            pending_read = read_pool.submit(next, reader, None)
+            info, t = item
+            out = _process(info, t, plan.patches.get(info.name, []), out_dtype(dtype, info.dtype))
+            report.tensors += 1
+            report.merged += bool(plan.patches.get(info.name))
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = write_pool.submit(_write, writer, info, out, tick)
+        if pending_write is not None:
+            pending_write.result()
+
+
+def _write(writer: StreamWriter, info: TensorInfo, out: Tensor, tick) -> None:
+    writer.write(info.name, out)
+    tick(info.nbytes)
+
+
+def _process(info: TensorInfo, t: Tensor, patches: list, dtype: str) -> Tensor:
+    if not patches:
+        if dtype == t.dtype:
+            return t
+        return round_to(t.values(), dtype)
+    if info.name.endswith(".bias") or t.ndim == 1:
+        return round_to(apply_bias(t.values(), patches), dtype)
+    rows = t.shape[0]
+    per_row = max(1, int(np.prod(t.shape[1:])) * 8)
+    step = max(1, BLOCK_BYTES // per_row)
+    from ..tensor import storage_dtype
+
+    out = np.empty(t.shape, dtype=storage_dtype(dtype))
+    cache = DeltaCache()
+    for r0 in range(0, rows, step):
+        block = slice(r0, min(rows, r0 + step))
+        w = apply_weight_block(t[block].values(), block, patches, cache)
+        out[block] = round_to(w, dtype).array
+    return Tensor(out, dtype)

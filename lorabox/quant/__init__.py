@@ -1,0 +1,1 @@
+"""Re-quantization of merged weights (numpy, CPU). `gguf_quants`: GGUF block types."""

@@ -1,0 +1,390 @@
+"""float32 -> fp8 (e4m3fn, e5m2) rounding and ComfyUI's scaled-fp8 layouts, in numpy only.
+
+This is the CPU path of the merge engine: no torch. Bits are held as uint8, like `lorabox.tensor.Tensor`
+holds them (safetensors dtypes "F8_E4M3" = torch.float8_e4m3fn, "F8_E5M2" = torch.float8_e5m2).
+
+Rounding (`round_fp8`)
+  Both modes saturate first, as ComfyUI does before it casts (`torch.clamp(x, -max, max)`): |x| > max and
+  ±inf become ±max (448 for e4m3fn, 57344 for e5m2). NaN stays NaN (0x7F, with the input's sign bit).
+  - round to nearest, ties to even: bit for bit what `torch.clamp(x, -max, max).to(float8)` gives, for
+    every float32 (zeros keep their sign; float32 subnormals included).
+  - stochastic: rounds |x| up to the next fp8 value with probability (|x| - lo) / (hi - lo), else down to
+    lo, so E[q] = x. The probability is exact (an integer comparison of the discarded mantissa bits with
+    a 32-bit uniform draw) whenever |x| >= 2^-9 times the smallest fp8 subnormal (2^-18 for e4m3fn,
+    2^-25 for e5m2); below that it is off by less than 2^-32 of that subnormal step.
+    The random stream is numpy's PCG64 seeded with `seed` (ComfyUI's convention: `seed_for_key(name)`,
+    the CRC32 of the weight's key), one 32-bit draw per element in flat (C) order, drawn in chunks of
+    `CHUNK` elements, so the result depends only on (seed, values), not on the shape or the chunking,
+    and memory stays bounded. It is NOT ComfyUI's stream (torch.Generator + torch.rand over 4096²
+    slices, `comfy/float.py`); bit-identical stochastic rounding with ComfyUI is not a goal, the
+    statistics are the same (ComfyUI first rounds to float16 and draws float16 noise, so where the two
+    differ, ours is the unbiased one).
+
+Scaled fp8 (ComfyUI), W = dequant(q) * scale, scale a float32 scalar per layer
+  - legacy: marker `<prefix>scaled_fp8` (an empty tensor whose dtype names the fp8 kind; float32 means
+    e4m3fn; 2 elements means "no fp8 matmul"), per layer `<layer>.scale_weight`, optional
+    `<layer>.scale_input` (`comfy/ops.py::scaled_fp8_ops`).
+  - comfy_quant: per layer `<layer>.comfy_quant`, a uint8 tensor holding UTF-8 JSON
+    `{"format": "float8_e4m3fn", ...}` (or the header metadata `_quantization_metadata` =
+    `{"format_version": "1.0", "layers": {layer: {...}}}`), `<layer>.weight_scale`, optional
+    `<layer>.input_scale` (`comfy/ops.py::mixed_precision_ops`, `comfy/quant_ops.py`). Newer ComfyUI
+    converts legacy files to this on load (`comfy/utils.py::convert_old_quants`: scale_weight ->
+    weight_scale, scale_input -> input_scale, dropped when 1.0; every layer labelled float8_e4m3fn).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..tensor import Tensor
+
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+COMFY_FORMATS = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+FORMAT_DTYPES = {v: k for k, v in COMFY_FORMATS.items()}
+CHUNK = 1 << 18  # elements per step (even: the random stream does not depend on it)
+METADATA_KEY = "_quantization_metadata"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    man: int  # mantissa bits
+    bias: int
+    max: float  # largest finite value
+    nan: int  # the NaN code torch writes (sign bit apart); also the largest code any value maps to
+
+
+_SPECS = {"F8_E4M3": _Spec(3, 7, 448.0, 0x7F), "F8_E5M2": _Spec(2, 15, 57344.0, 0x7F)}
+
+
+def _spec(dtype: str) -> _Spec:
+    try:
+        return _SPECS[dtype]
+    except KeyError:
+        raise ValueError(f"not an fp8 dtype: {dtype!r} (expected one of {FP8_DTYPES})") from None
+
+
+def fp8_max(dtype: str) -> float:
+    """The largest finite value of `dtype` (torch.finfo(...).max): 448.0 or 57344.0."""
+    return _spec(dtype).max
+
+
+def seed_for_key(name: str) -> int:
+    """The stochastic-rounding seed of the weight `name`: CRC32 of its UTF-8 bytes.
+
+    Equal to ComfyUI's `comfy.model_patcher.string_to_seed(name)` for every ASCII name (all real weight
+    keys); ComfyUI XORs whole code points into its CRC register, so non-ASCII names differ."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def round_fp8(x: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int | None = None) -> np.ndarray:
+    """Round `x` (any real dtype; computed on its float32 values) to fp8 bits (uint8, same shape).
+
+    Saturates to ±max first (see the module doc); `stochastic=True` needs `seed` (use `seed_for_key`).
+    A non-contiguous `x` is copied once; otherwise memory beyond input and output stays a few MB."""
+    spec = _spec(dtype)
+    if stochastic and seed is None:
+        raise ValueError("stochastic rounding needs a seed (seed_for_key(weight name))")
+    x = np.asarray(x)
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, np.uint8)
+    rng = np.random.Generator(np.random.PCG64(seed)) if stochastic else None
+    for start in range(0, flat.size, CHUNK):
+        chunk = flat[start:start + CHUNK]
+        chunk = np.array(chunk, dtype=np.float32, copy=True)  # a private float32 buffer to work in
+        if rng is None:
+            out[start:start + CHUNK] = _rne(chunk, spec)
+        else:
+            draws = rng.bit_generator.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
+            out[start:start + CHUNK] = _stochastic(chunk, spec, draws.view("<u4")[:chunk.size])
+    return out.reshape(x.shape)
+
+
+def _split(x: np.ndarray, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
+    """(sign bit as uint32 0/0x80, |x| saturated to max as uint32 bits); x is overwritten."""
+    bits = x.view(np.uint32)
+    sign = bits >> 24
+    sign &= 0x80
+    np.abs(x, out=x)
+    np.minimum(x, np.float32(spec.max), out=x)  # NaN stays NaN
+    return sign, bits
+
+
+def _rne(x: np.ndarray, spec: _Spec) -> np.ndarray:
+    sign, bits = _split(x, spec)
+    shift = 23 - spec.man
+    # normal fp8 range: round the float32 bit pattern to `man` mantissa bits, ties to even, then rebias
+    code = bits >> shift
+    code &= 1
+    code += bits
+    code += (1 << (shift - 1)) - 1
+    code >>= shift
+    code -= (127 - spec.bias) << spec.man  # wraps for the subnormal range, which is replaced below
+    # fp8 subnormal range: adding 2^(24-bias-man) leaves float32 steps of exactly one fp8 subnormal, and
+    # float32 addition rounds to nearest even
+    magic = np.float32(2.0 ** (24 - spec.bias - spec.man))
+    low = x < np.float32(2.0 ** (1 - spec.bias))
+    sub = (x + magic).view(np.uint32)
+    sub -= magic.view(np.uint32)
+    np.copyto(code, sub, where=low)
+    np.minimum(code, spec.nan, out=code)  # NaN: every NaN pattern lands above the largest finite code
+    code |= sign
+    return code.astype(np.uint8)
+
+
+def _stochastic(x: np.ndarray, spec: _Spec, draws: np.ndarray) -> np.ndarray:
+    sign, bits = _split(x, spec)
+    shift = 23 - spec.man
+    # normal fp8 range: truncate, then add one step when the 32-bit draw's top `shift` bits fall below
+    # the discarded bits: probability exactly discarded / 2^shift
+    rem = bits & ((1 << shift) - 1)
+    code = bits >> shift
+    code -= (127 - spec.bias) << spec.man
+    code += (draws >> (32 - shift)) < rem
+    low = x < np.float32(2.0 ** (1 - spec.bias))
+    if low.any():
+        # fp8 subnormal range: t = |x| / step (exact); floor(t + u), u = draw / 2^32, in float64, where the
+        # sum is exact whenever t >= 2^-9 (t carries 24 significant bits, u 32 below the point)
+        t = x[low].astype(np.float64)
+        t *= 2.0 ** (spec.bias - 1 + spec.man)
+        t += draws[low] * 2.0 ** -32
+        np.floor(t, out=t)
+        code[low] = t.astype(np.uint32)
+    np.minimum(code, spec.nan, out=code)
+    code |= sign
+    return code.astype(np.uint8)
+
+
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def decode_fp8(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """fp8 bits -> float32 values (exact), by table."""
+    table = _TABLES.get(dtype)
+    if table is None:
+        _spec(dtype)
+        table = _TABLES[dtype] = Tensor(np.arange(256, dtype=np.uint8), dtype).values().astype(np.float32)
+    return table[np.asarray(bits, dtype=np.uint8)]
+
+
+# -- scaled fp8 --------------------------------------------------------------------------------------
+
+def dequantize_scaled(q_bits: np.ndarray, dtype: str, scale) -> np.ndarray:
+    """W = q * scale in float32, as ComfyUI does (`weight.to(float32) * scale_weight`). `scale` may be a
+    scalar or any array that broadcasts (per-row scales)."""
+    return decode_fp8(q_bits, dtype) * np.asarray(scale, dtype=np.float32)
+
+
+def compute_scale(w: np.ndarray, dtype: str) -> np.ndarray:
+    """amax(|w|) / max as a float32 scalar, ComfyUI's `scale="recalculate"` / `scale=None`
+    (`TensorCoreFP8Layout.quantize`). An all-zero weight gets scale 1 (ComfyUI would divide by zero and
+    store NaN); a non-finite weight is refused."""
+    amax = np.max(np.abs(np.asarray(w, dtype=np.float32)), initial=np.float32(0))
+    if not np.isfinite(amax):
+        raise ValueError("cannot compute an fp8 scale: the weight holds inf or NaN")
+    if amax == 0:
+        return np.float32(1.0).reshape(())
+    return (np.float32(amax) / np.float32(fp8_max(dtype))).astype(np.float32).reshape(())
+
+
+def quantize_scaled(w: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int | None = None,
+                    scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize `w` to scaled fp8: returns (bits uint8, scale float32) with w ≈ dequant(bits) * scale.
+
+    `scale=None` recomputes it as amax(|w|)/max (`compute_scale`), as ComfyUI does after a LoRA patch on a
+    comfy_quant layer; pass the old scale to keep it (ComfyUI 0.3.x legacy `set_weight` keeps it, and
+    saturates what no longer fits). As in ComfyUI's `TensorCoreFP8Layout.quantize`, w is multiplied by
+    the float32 reciprocal of the scale (not divided), so the round-to-nearest result matches it bit for
+    bit."""
+    scale = compute_scale(w, dtype) if scale is None else np.asarray(scale, dtype=np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        inverse = np.float32(1.0) / scale
+    if not np.all(np.isfinite(inverse)) or not np.all(scale > 0):
+        raise ValueError(f"fp8 scale must be positive and finite, with a finite reciprocal (got {scale})")
+    scaled = np.asarray(w, dtype=np.float32) * inverse
+    return round_fp8(scaled, dtype, stochastic=stochastic, seed=seed), scale
+
+
+# -- ComfyUI layouts: reading ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ScaledLayer:
+    """One quantized layer: `name` + ".weight" holds the fp8 bits."""
+
+    name: str
+    layout: str  # "legacy" | "comfy_quant"
+    format: str | None  # "float8_e4m3fn", "float8_e5m2", another ComfyUI format ("nvfp4", ...), or None
+    weight_dtype: str | None  # dtype of `<name>.weight` in the file (None: the key is absent)
+    scale_key: str | None  # `<name>.scale_weight` (legacy) or `<name>.weight_scale`
+    input_scale_key: str | None  # `<name>.scale_input` (legacy) or `<name>.input_scale`
+    conf_key: str | None  # `<name>.comfy_quant`, when the configuration is stored as a tensor
+    full_precision_matrix_mult: bool = False
+
+    @property
+    def dtype(self) -> str | None:
+        """The fp8 dtype the weight bits are in (from the file, else from the format)."""
+        if self.weight_dtype in FP8_DTYPES:
+            return self.weight_dtype
+        return FORMAT_DTYPES.get(self.format or "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledFp8Info:
+    layout: str | None  # "legacy", "comfy_quant", "mixed" (both) or None (neither)
+    markers: dict  # legacy marker key -> (fp8 dtype it declares, full_precision_matrix_mult or None)
+    layers: dict  # layer name -> ScaledLayer
+
+    @property
+    def aux_keys(self) -> set[str]:
+        """Keys that are quantization bookkeeping, not weights: markers, scales, configurations."""
+        keys = set(self.markers)
+        for layer in self.layers.values():
+            keys.update(k for k in (layer.scale_key, layer.input_scale_key, layer.conf_key) if k)
+        return keys
+
+
+def _entry(value) -> tuple[str, tuple | None]:
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, Tensor):
+        return value.dtype, value.shape
+    if isinstance(value, Mapping):
+        return value["dtype"], tuple(value["shape"]) if "shape" in value else None
+    dtype, shape = value
+    return dtype, None if shape is None else tuple(shape)
+
+
+def parse_comfy_quant(value) -> dict:
+    """A `<layer>.comfy_quant` tensor (Tensor, uint8 array or bytes) -> its configuration dict."""
+    if isinstance(value, Tensor):
+        value = value.array
+    raw = value if isinstance(value, (bytes, bytearray)) else np.asarray(value, dtype=np.uint8).tobytes()
+    conf = json.loads(raw.decode("utf-8"))
+    if not isinstance(conf, dict):
+        raise ValueError(f"comfy_quant configuration is not a JSON object: {raw[:80]!r}")
+    return conf
+
+
+def parse_quantization_metadata(metadata: Mapping[str, str] | None) -> dict | None:
+    """The `layers` of the header metadata `_quantization_metadata`, or None when absent."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    quant = json.loads(metadata[METADATA_KEY])
+    if not isinstance(quant, dict) or not isinstance(quant.get("layers"), dict):
+        raise ValueError(f"{METADATA_KEY} has no 'layers' object")
+    return {k: ({"format": v} if isinstance(v, str) else dict(v)) for k, v in quant["layers"].items()}
+
+
+def detect_scaled_fp8(entries: Mapping, metadata: Mapping[str, str] | None = None,
+                      read: Callable[[str], object] | None = None) -> ScaledFp8Info:
+    """Find ComfyUI's scaled-fp8 layers from the keys and dtypes of a file.
+
+    `entries`: key -> dtype string, (dtype, shape), a safetensors header entry or a `Tensor`; `metadata`:
+    the header's `__metadata__`; `read(key)`: optional, returns a `<layer>.comfy_quant` tensor so its
+    format is known (without it, the format comes from the header metadata or the weight's dtype).
+    A legacy `.scale_weight` belongs to the longest marker prefix it starts with; without any marker it
+    is not ComfyUI's layout (kohya's fp8 loaders write `scale_weight` too) and is not reported."""
+    info = {k: _entry(v) for k, v in entries.items()}
+    markers = {}
+    for key, (dtype, shape) in info.items():
+        if key.endswith("scaled_fp8") and (key == "scaled_fp8" or key.endswith(".scaled_fp8")) \
+                and dtype in FP8_DTYPES + ("F32",):
+            size = None if shape is None else int(np.prod(shape, dtype=np.int64))
+            markers[key] = ("F8_E4M3" if dtype == "F32" else dtype, None if size is None else size == 2)
+    prefixes = sorted(((k[:-len("scaled_fp8")], k) for k in markers), key=lambda p: -len(p[0]))
+    layers: dict[str, ScaledLayer] = {}
+
+    def weight_dtype(name):
+        return info.get(f"{name}.weight", (None, None))[0]
+
+    for key in info:
+        if not key.endswith(".scale_weight"):
+            continue
+        marker = next((m for p, m in prefixes if key.startswith(p)), None)
+        if marker is None:
+            continue
+        name = key[:-len(".scale_weight")]
+        dtype, fpmm = markers[marker]
+        layers[name] = ScaledLayer(name, "legacy", COMFY_FORMATS[dtype], weight_dtype(name), key,
+                                   f"{name}.scale_input" if f"{name}.scale_input" in info else None, None,
+                                   bool(fpmm))
+
+    confs: dict[str, tuple[dict | None, str | None]] = {}
+    for name, conf in (parse_quantization_metadata(metadata) or {}).items():
+        confs[name] = (conf, None)
+    for key in info:
+        if key.endswith(".comfy_quant"):
+            name = key[:-len(".comfy_quant")]
+            conf = parse_comfy_quant(read(key)) if read is not None else confs.get(name, (None, None))[0]
+            confs[name] = (conf, key)
+    for name, (conf, conf_key) in confs.items():
+        wd = weight_dtype(name)
+        fmt = conf.get("format") if conf else COMFY_FORMATS.get(wd or "")
+        layers[name] = ScaledLayer(
+            name, "comfy_quant", fmt, wd,
+            f"{name}.weight_scale" if f"{name}.weight_scale" in info else None,
+            f"{name}.input_scale" if f"{name}.input_scale" in info else None, conf_key,
+            bool(conf and conf.get("full_precision_matrix_mult", False)))
+
+    kinds = {layer.layout for layer in layers.values()} | ({"legacy"} if markers else set())
+    layout = None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+    return ScaledFp8Info(layout, markers, layers)
+
+
+# -- ComfyUI layouts: writing ------------------------------------------------------------------------
+
+def scaled_fp8_marker(dtype: str, *, full_precision_matrix_mult: bool = False) -> Tensor:
+    """The legacy marker tensor `<prefix>scaled_fp8`: empty, in the fp8 dtype (ComfyUI writes
+    `torch.tensor([], dtype=...)`); 2 elements tell ComfyUI not to use fp8 matrix multiplication."""
+    _spec(dtype)
+    return Tensor(np.zeros(2 if full_precision_matrix_mult else 0, np.uint8), dtype)
+
+
+def comfy_quant_conf(dtype: str, *, full_precision_matrix_mult: bool = False) -> dict:
+    conf = {"format": COMFY_FORMATS[dtype]}
+    if full_precision_matrix_mult:
+        conf["full_precision_matrix_mult"] = True
+    return conf
+
+
+def encode_comfy_quant(conf: Mapping) -> Tensor:
+    """The `<layer>.comfy_quant` tensor: uint8 bytes of `json.dumps(conf)` (ComfyUI's own spelling)."""
+    return Tensor(np.frombuffer(json.dumps(dict(conf)).encode("utf-8"), np.uint8).copy(), "U8")
+
+
+def quantization_metadata(layers: Mapping[str, Mapping]) -> str:
+    """The header metadata value for `_quantization_metadata`, as ComfyUI saves it."""
+    return json.dumps({"format_version": "1.0", "layers": {k: dict(v) for k, v in layers.items()}})
+
+
+def _f32(value) -> Tensor:
+    return Tensor(np.array(value, dtype=np.float32), "F32")
+
+
+def scaled_layer_tensors(name: str, bits: np.ndarray, dtype: str, scale, *, layout: str,
+                         input_scale=None, full_precision_matrix_mult: bool = False,
+                         conf_tensor: bool = True) -> dict[str, Tensor]:
+    """The tensors of one quantized layer in `layout` ("legacy" or "comfy_quant").
+
+    legacy: `.weight`, `.scale_weight`, optional `.scale_input` (the file also needs one
+    `scaled_fp8_marker`). comfy_quant: `.weight`, `.weight_scale`, optional `.input_scale`, and
+    `.comfy_quant` unless `conf_tensor=False` (then list the layer in `quantization_metadata`)."""
+    _spec(dtype)
+    out = {f"{name}.weight": Tensor(np.asarray(bits, dtype=np.uint8), dtype)}
+    if layout == "legacy":
+        out[f"{name}.scale_weight"] = _f32(scale)
+        if input_scale is not None:
+            out[f"{name}.scale_input"] = _f32(input_scale)
+    elif layout == "comfy_quant":
+        out[f"{name}.weight_scale"] = _f32(scale)
+        if input_scale is not None:
+            out[f"{name}.input_scale"] = _f32(input_scale)
+        if conf_tensor:
+            conf = comfy_quant_conf(dtype, full_precision_matrix_mult=full_precision_matrix_mult)
+            out[f"{name}.comfy_quant"] = encode_comfy_quant(conf)
+    else:
+        raise ValueError(f"unknown scaled-fp8 layout {layout!r} (expected 'legacy' or 'comfy_quant')")
+    return out

@@ -1,0 +1,401 @@
+"""GGUF block quantization on the CPU, numpy only.
+
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 go through `gguf.quants` (bit-exact with ggml). gguf-py cannot encode the
+K-quants, so Q4_K, Q5_K and Q6_K are encoded here with the idea of ggml's reference quantizers
+(`quantize_row_q{4,5,6}_K_ref`): per sub-block, try a few scale candidates and keep the least (weighted) squared
+error, then quantize the sub-block scales to 6 or 8 bits against one fp16 scale per 256-value super-block.
+The search runs on all sub-blocks at once; the result is not bit-identical with ggml, but decodes with any GGUF
+reader (`gguf.quants.dequantize` is the oracle in the tests).
+
+    data = quantize(weight, "Q4_K")                    # uint8 [..., row_bytes]
+    back = dequantize(data, "Q4_K", weight.shape)      # float32
+
+Byte layouts (super-block of QK_K = 256 values; the decoders in gguf-py's `quants.py` define them):
+    Q4_K  d f16 | dmin f16 | 12 bytes: eight 6-bit scales and mins | 128 bytes: 4-bit quants
+    Q5_K  as Q4_K, with 32 bytes of fifth bits (bit j of byte l: value l of sub-block j) before the quants
+    Q6_K  128 bytes low nibbles | 64 bytes high 2-bit pairs | 16 int8 scales | d f16
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
+from gguf import quants as _gq
+
+from ..errors import LoraboxError
+
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")   # encoded by gguf-py
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")                  # encoded here
+QTYPES = LEGACY + K_QUANTS
+
+_F16, _F32, _F64, _U8 = np.float16, np.float32, np.float64, np.uint8
+_K_SCALE_SIZE = _gq.Q4_K.K_SCALE_SIZE  # packed 6-bit scales and mins of Q4_K/Q5_K
+_SUB45, _SUB6 = 32, 16                  # sub-block sizes of Q4_K/Q5_K and of Q6_K
+_EPS = 1e-15                            # ggml's GROUP_MAX_EPS: a sub-block this small is all zero
+
+# Scale candidates tried per sub-block, as offsets r of the quantization range: the step is range/(nmax + r).
+# ggml tries r = -1.0..1.0 by 0.1 (Q4_K), -0.5..1.0 (Q5_K) and 0, ±0.1..±0.9 (Q6_K); fewer cost little error.
+_STEPS = {
+    "Q4_K": (-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0),
+    "Q5_K": (-0.5, -0.2, 0.0, 0.3, 0.6, 1.0),
+    "Q6_K": (-0.6, -0.3, 0.0, 0.3, 0.6),
+}
+_CHUNK_SUPER = 256      # super-blocks per work item (64 Ki values: the working set stays in L2)
+_CHUNK_LEGACY = 8192    # legacy blocks per gguf-py call
+
+
+class QuantError(LoraboxError, ValueError):
+    """A tensor that cannot be quantized, or bytes that do not fit the type and shape asked for."""
+
+
+def type_sizes(qtype: str) -> tuple[int, int]:
+    """(values per block, bytes per block) of `qtype`, from `gguf.GGML_QUANT_SIZES`."""
+    return GGML_QUANT_SIZES[_qtype(qtype)]
+
+
+def _qtype(qtype) -> GGMLQuantizationType:
+    name = getattr(qtype, "name", qtype)
+    if not isinstance(name, str) or name.upper() not in QTYPES:
+        raise QuantError(f"Unknown GGUF quant type {qtype!r}.", hint=f"lorabox quantizes to {', '.join(QTYPES)}.")
+    return GGMLQuantizationType[name.upper()]
+
+
+def _check_layouts() -> None:
+    """Our byte layouts add up to gguf's type sizes (fails at import if a gguf release changes them)."""
+    parts = {
+        "Q4_K": 2 + 2 + _K_SCALE_SIZE + QK_K // 2,
+        "Q5_K": 2 + 2 + _K_SCALE_SIZE + QK_K // 8 + QK_K // 2,
+        "Q6_K": QK_K // 2 + QK_K // 4 + QK_K // _SUB6 + 2,
+    }
+    for name, size in parts.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (QK_K, size), name
+
+
+_check_layouts()
+
+
+# ---------------------------------------------------------------------------------------------------- public API
+
+def quantize(array: np.ndarray, qtype: str, *, threads: int | None = None) -> np.ndarray:
+    """Quantize a float tensor to a GGUF block type.
+
+    Args:
+        array: values, cast to float32; the last dimension must be a multiple of the type's block size
+            (32, or 256 for the K-quants).
+        qtype: one of `QTYPES` ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K").
+        threads: worker threads (default: the CPUs this process may use); the bytes do not depend on it.
+
+    Returns:
+        uint8 array of shape `[*array.shape[:-1], row_bytes]`, the tensor data of a GGUF file.
+
+    Example:
+        >>> data = quantize(np.ones((4, 256), np.float32), "Q4_K")
+        >>> data.shape, dequantize(data, "Q4_K", (4, 256)).max()
+        ((4, 144), 1.0)
+    """
+    qt = _qtype(qtype)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    x = np.ascontiguousarray(array, dtype=_F32)
+    if x.ndim == 0 or x.shape[-1] % bs:
+        raise QuantError(
+            f"Can't quantize a tensor of shape {tuple(x.shape)} to {qt.name}: its last dimension is not a "
+            f"multiple of the block size {bs}.",
+            hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
+    out = np.empty((x.size // bs, ts), _U8)
+    if qt.name in LEGACY:
+        def encode(chunk):
+            _check_finite(chunk.min(), chunk.max(), qt)
+            return _gq.quantize(chunk.reshape(-1), qt).reshape(-1, ts)
+        _map_blocks(encode, x.reshape(-1, bs), out, _CHUNK_LEGACY, threads)
+    else:
+        _map_blocks(lambda chunk: _ENCODERS[qt.name](chunk), x.reshape(-1, bs), out, _CHUNK_SUPER, threads)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // bs * ts)
+
+
+def dequantize(data: np.ndarray, qtype: str, shape, *, threads: int | None = None) -> np.ndarray:
+    """Decode GGUF block data back to float32.
+
+    Args:
+        data: the quantized bytes (any uint8 array or buffer holding exactly the tensor's blocks).
+        qtype: one of `QTYPES`.
+        shape: the float tensor's shape (the last dimension a multiple of the block size).
+        threads: worker threads (default: the CPUs this process may use).
+
+    Returns:
+        float32 array of `shape`.
+
+    Example:
+        >>> dequantize(quantize(np.arange(32, dtype=np.float32), "Q8_0"), "Q8_0", (32,))[:3]
+        array([0., 1., 2.], dtype=float32)
+    """
+    qt = _qtype(qtype)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    shape = tuple(int(n) for n in shape)
+    raw = np.frombuffer(data, _U8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(_U8)
+    if not shape or shape[-1] % bs:
+        raise QuantError(f"Shape {shape} does not fit {qt.name}: the last dimension must be a multiple of {bs}.")
+    n_blocks = int(np.prod(shape)) // bs
+    if raw.size != n_blocks * ts:
+        raise QuantError(f"{raw.size} bytes do not hold a {qt.name} tensor of shape {shape} "
+                         f"({n_blocks * ts} bytes).", hint="Check the tensor's type and shape in the file header.")
+    out = np.empty((n_blocks, bs), _F32)
+    if qt.name in LEGACY:
+        decode = lambda chunk: _gq.dequantize(chunk.reshape(-1), qt).reshape(-1, bs)  # noqa: E731
+        _map_blocks(decode, raw.reshape(n_blocks, ts), out, _CHUNK_LEGACY, threads)
+    else:
+        _map_blocks(_DECODERS[qt.name], raw.reshape(n_blocks, ts), out, _CHUNK_SUPER, threads)
+    return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------- plumbing
+
+def _map_blocks(fn: Callable[[np.ndarray], np.ndarray], src: np.ndarray, out: np.ndarray, chunk: int,
+                threads: int | None) -> None:
+    """out[a:b] = fn(src[a:b]) over chunks of `chunk` blocks; numpy releases the GIL, so threads scale."""
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    starts = range(0, src.shape[0], chunk)
+
+    def work(a: int) -> None:
+        out[a:a + chunk] = fn(src[a:a + chunk])
+
+    if threads <= 1 or len(starts) <= 1:
+        for a in starts:
+            work(a)
+        return
+    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+        for _ in pool.map(work, starts):
+            pass
+
+
+def _check_finite(lo, hi, qt) -> None:
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise QuantError(f"Can't quantize to {getattr(qt, 'name', qt)}: the tensor holds NaN or Inf.",
+                         hint="Check the merge inputs; a non-finite weight would decode as garbage.")
+
+
+def _to_f16(v: np.ndarray, qt: str) -> np.ndarray:
+    h = v.astype(_F16)
+    if not np.isfinite(h).all():
+        raise QuantError(f"Can't quantize to {qt}: values too large for its fp16 block scales "
+                         f"(|x| up to {float(np.max(v)):.3g} per step).", hint="Keep this tensor in F32.")
+    return h
+
+
+def _f16_bytes(h: np.ndarray) -> np.ndarray:
+    return h.reshape(-1, 1).view(_U8)
+
+
+def _read_f16(col: np.ndarray) -> np.ndarray:
+    """Two byte columns -> float32 column [n, 1]."""
+    return np.ascontiguousarray(col).view(_F16).astype(_F32)
+
+
+# ---------------------------------------------------------------------------------------------------- searches
+
+def _fit_scale_min(x: np.ndarray, nmax: int, steps, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of x [S, n]: (scale >= 0, offset <= 0) with x ~ scale*l + offset, l in 0..nmax.
+
+    Weighted least squares (weights |x| + rms(row), as ggml's make_qkx2_quants) over the rounding given by each
+    candidate step range/(nmax + r); the offset is kept <= 0 so that it encodes as a 6-bit positive "min"."""
+    lo = x.min(axis=1)
+    hi = x.max(axis=1)
+    _check_finite(lo, hi, name)
+    np.minimum(lo, 0, out=lo)
+    rng = hi - lo
+    ok = rng > 1e-30  # also keeps 1/rng finite in float32
+    inv_rng = np.divide(1, rng, out=np.zeros_like(rng), where=ok)
+    xs = x - lo[:, None]
+    w = np.abs(x)
+    w += np.sqrt(np.einsum("ij,ij->i", x, x) / x.shape[1])[:, None]
+    sw = np.einsum("ij->i", w).astype(_F64)
+    swx = np.einsum("ij,ij->i", w, x).astype(_F64)
+
+    best_e = np.full(x.shape[0], np.inf)
+    best_s = (rng / nmax).astype(_F64)  # kept where no candidate fits (rng == 0: a constant row)
+    best_m = lo.astype(_F64)
+    t = np.empty_like(x)
+    wl = np.empty_like(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for r in steps:
+            np.multiply(xs, (inv_rng * _F32(nmax + r))[:, None], out=t)
+            np.rint(t, out=t)
+            if r > 0.4:
+                np.minimum(t, nmax, out=t)
+            np.multiply(w, t, out=wl)
+            sl = np.einsum("ij->i", wl).astype(_F64)
+            sl2 = np.einsum("ij,ij->i", wl, t).astype(_F64)
+            slx = np.einsum("ij,ij->i", wl, x).astype(_F64)
+            det = sw * sl2 - sl * sl
+            s = (sw * slx - swx * sl) / det
+            m = (sl2 * swx - sl * slx) / det
+            clamp = m > 0
+            s = np.where(clamp, slx / sl2, s)
+            m = np.where(clamp, 0.0, m)
+            # weighted squared error, less the constant sum(w*x*x)
+            e = s * (s * sl2 - 2 * slx) + m * (m * sw + 2 * s * sl - 2 * swx)
+            better = (det > 0) & (e < best_e)
+            best_e = np.where(better, e, best_e)
+            best_s = np.where(better, s, best_s)
+            best_m = np.where(better, m, best_m)
+    return np.maximum(best_s, 0), best_m
+
+
+def _fit_signed_scale(x: np.ndarray, nmax: int, steps, name: str) -> np.ndarray:
+    """Per row of x [S, n]: scale with x ~ scale*l, l in -nmax..nmax-1 (ggml's make_qx_quants, weights x*x).
+
+    The value of largest magnitude maps to -nmax (the longer side of the range); each candidate step is
+    |max|/(nmax + r), and the least-squares scale of the best rounding wins."""
+    lo = x.min(axis=1)
+    hi = x.max(axis=1)
+    _check_finite(lo, hi, name)
+    vmax = np.where(hi >= -lo, hi, lo)
+    ok = np.abs(vmax) >= _EPS
+    neg_inv = np.divide(-1, vmax, out=np.zeros_like(vmax), where=ok)
+    w = x * x
+    best = np.zeros(x.shape[0])
+    best_s = np.zeros(x.shape[0])
+    t = np.empty_like(x)
+    wl = np.empty_like(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for r in steps:
+            np.multiply(x, (neg_inv * _F32(nmax + r))[:, None], out=t)
+            np.rint(t, out=t)
+            np.clip(t, -nmax, nmax - 1, out=t)
+            np.multiply(w, t, out=wl)
+            slx = np.einsum("ij,ij->i", wl, x).astype(_F64)
+            sl2 = np.einsum("ij,ij->i", wl, t).astype(_F64)
+            score = np.where(sl2 > 0, slx * slx / sl2, 0.0)  # error reduction of the least-squares scale
+            better = score > best
+            best = np.where(better, score, best)
+            best_s = np.where(better, slx / sl2, best_s)
+    return best_s
+
+
+def _quantize_scales(v: np.ndarray, d: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """round(v / d) per super-block row, clipped to lo..hi; 0 where d == 0."""
+    df = d.astype(_F32)[:, None]
+    q = np.divide(v, df, out=np.zeros(v.shape, _F32), where=df != 0)
+    return np.clip(np.rint(q), lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
+
+def _encode_q45_k(x: np.ndarray, name: str, bits: int) -> np.ndarray:
+    """x [B, QK_K] -> Q4_K (bits 4) or Q5_K (bits 5) blocks [B, type_size]."""
+    nb, nmax, n_sub = x.shape[0], (1 << bits) - 1, QK_K // _SUB45
+    xs = x.reshape(nb * n_sub, _SUB45)
+    scale, offset = _fit_scale_min(xs, nmax, _STEPS[name], name)
+    scale = scale.reshape(nb, n_sub)
+    mins = (-offset).reshape(nb, n_sub)
+    d = _to_f16(scale.max(axis=1) / 63, name)
+    dmin = _to_f16(mins.max(axis=1) / 63, name)
+    ls = _quantize_scales(scale, d, 0, 63)
+    lm = _quantize_scales(mins, dmin, 0, 63)
+    # the values, rounded against the scales exactly as a decoder will see them
+    step = d.astype(_F32)[:, None] * ls
+    shift = dmin.astype(_F32)[:, None] * lm
+    inv = np.divide(1, step, out=np.zeros_like(step), where=step > 0)
+    q = (x.reshape(nb, n_sub, _SUB45) + shift[..., None]) * inv[..., None]
+    np.rint(q, out=q)
+    np.clip(q, 0, nmax, out=q)
+    q = q.astype(_U8)
+
+    ls, lm = ls.astype(_U8), lm.astype(_U8)
+    out = np.empty((nb, GGML_QUANT_SIZES[GGMLQuantizationType[name]][1]), _U8)
+    out[:, 0:2] = _f16_bytes(d)
+    out[:, 2:4] = _f16_bytes(dmin)
+    sc = out[:, 4:4 + _K_SCALE_SIZE]
+    half = n_sub // 2
+    sc[:, 0:half] = ls[:, :half] | ((ls[:, half:] >> 4) << 6)
+    sc[:, half:2 * half] = lm[:, :half] | ((lm[:, half:] >> 4) << 6)
+    sc[:, 2 * half:] = (ls[:, half:] & 0xF) | ((lm[:, half:] & 0xF) << 4)
+    pos = 4 + _K_SCALE_SIZE
+    if bits == 5:
+        # bit j of qh[l] = fifth bit of value l of sub-block j
+        out[:, pos:pos + _SUB45] = np.packbits((q >> 4).transpose(0, 2, 1), axis=-1, bitorder="little")[..., 0]
+        pos += _SUB45
+        q &= 0xF
+    pairs = q.reshape(nb, n_sub // 2, 2, _SUB45)  # sub-blocks 2i (low nibble) and 2i+1 (high) share 32 bytes
+    out[:, pos:] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(nb, -1)
+    return out
+
+
+def _encode_q4_k(x):
+    return _encode_q45_k(x, "Q4_K", 4)
+
+
+def _encode_q5_k(x):
+    return _encode_q45_k(x, "Q5_K", 5)
+
+
+def _encode_q6_k(x: np.ndarray) -> np.ndarray:
+    nb, n_sub = x.shape[0], QK_K // _SUB6
+    scale = _fit_signed_scale(x.reshape(nb * n_sub, _SUB6), 32, _STEPS["Q6_K"], "Q6_K").reshape(nb, n_sub)
+    # the scale of largest magnitude maps to -128, the others to -128..127
+    peak = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
+    d = _to_f16(np.where(np.abs(peak) >= _EPS, -peak / 128, 0), "Q6_K")
+    sc = _quantize_scales(scale, d, -128, 127)
+    step = d.astype(_F32)[:, None] * sc
+    inv = np.divide(1, step, out=np.zeros_like(step), where=step != 0)
+    q = x.reshape(nb, n_sub, _SUB6) * inv[..., None]
+    np.rint(q, out=q)
+    np.clip(q, -32, 31, out=q)
+    q = (q + 32).astype(_U8).reshape(nb, QK_K)
+
+    out = np.empty((nb, GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]), _U8)
+    n_ql, n_qh = QK_K // 2, QK_K // 4
+    # low nibbles: per half of 128 values, byte k holds values k (low) and k + 64 (high)
+    lo4 = (q & 0xF).reshape(nb, 2, 2, 64)
+    out[:, :n_ql] = (lo4[:, :, 0] | (lo4[:, :, 1] << 4)).reshape(nb, -1)
+    # high 2 bits: per half, byte l holds values l, l + 32, l + 64, l + 96 at bits 0, 2, 4, 6
+    hi2 = (q >> 4).reshape(nb, 2, 4, 32)
+    out[:, n_ql:n_ql + n_qh] = (hi2[:, :, 0] | (hi2[:, :, 1] << 2) | (hi2[:, :, 2] << 4)
+                                | (hi2[:, :, 3] << 6)).reshape(nb, -1)
+    out[:, n_ql + n_qh:-2] = sc.astype(np.int8).view(_U8)
+    out[:, -2:] = _f16_bytes(d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- decoders
+
+def _scale_min_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """12 packed bytes [B, 12] -> 6-bit scales and mins, float32 [B, 8]."""
+    a, m, hi = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
+    scale = np.concatenate([a & 0x3F, (hi & 0xF) | ((a >> 6) << 4)], axis=1)
+    mins = np.concatenate([m & 0x3F, (hi >> 4) | ((m >> 6) << 4)], axis=1)
+    return scale.astype(_F32), mins.astype(_F32)
+
+
+def _decode_q45_k(blocks: np.ndarray, bits: int) -> np.ndarray:
+    nb, n_sub = blocks.shape[0], QK_K // _SUB45
+    d, dmin = _read_f16(blocks[:, 0:2]), _read_f16(blocks[:, 2:4])
+    scale, mins = _scale_min_k4(blocks[:, 4:4 + _K_SCALE_SIZE])
+    pos = 4 + _K_SCALE_SIZE
+    qs = blocks[:, -QK_K // 2:].reshape(nb, n_sub // 2, 1, _SUB45)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(nb, n_sub, _SUB45)
+    if bits == 5:
+        qh = blocks[:, pos:pos + _SUB45].reshape(nb, 1, _SUB45)
+        q |= ((qh >> np.arange(n_sub, dtype=_U8)[:, None]) & 1) << 4
+    step = (d * scale)[..., None]
+    shift = (dmin * mins)[..., None]
+    return (step * q.astype(_F32) - shift).reshape(nb, QK_K)
+
+
+def _decode_q6_k(blocks: np.ndarray) -> np.ndarray:
+    nb, n_ql, n_qh = blocks.shape[0], QK_K // 2, QK_K // 4
+    ql = blocks[:, :n_ql].reshape(nb, 2, 1, 64)
+    lo4 = np.concatenate([ql & 0xF, ql >> 4], axis=2).reshape(nb, 2, 4, 32)
+    qh = blocks[:, n_ql:n_ql + n_qh].reshape(nb, 2, 1, 32)
+    hi2 = (qh >> np.array([0, 2, 4, 6], _U8)[:, None]) & 3
+    q = (lo4 | (hi2 << 4)).view(np.int8) - np.int8(32)
+    sc = np.ascontiguousarray(blocks[:, n_ql + n_qh:-2]).view(np.int8).astype(_F32)
+    step = (_read_f16(blocks[:, -2:]) * sc)[..., None]
+    return (step * q.reshape(nb, QK_K // _SUB6, _SUB6).astype(_F32)).reshape(nb, QK_K)
+
+
+_ENCODERS = {"Q4_K": _encode_q4_k, "Q5_K": _encode_q5_k, "Q6_K": _encode_q6_k}
+_DECODERS = {"Q4_K": lambda b: _decode_q45_k(b, 4), "Q5_K": lambda b: _decode_q45_k(b, 5), "Q6_K": _decode_q6_k}

@@ -1,0 +1,201 @@
+"""Merge: exact against a float64 reference rounded by torch; both base layouts; errors leave nothing behind."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lorabox.conversion import convert
+from lorabox.errors import LoraboxError, OutputError, UnknownArchitecture, UnmappedKeysError
+from lorabox.io.safetensors import read_tensors, write_tensors
+from lorabox.keymap import load_architecture
+from lorabox.merge.engine import merge
+from lorabox.tensor import Tensor
+from tests.helpers import effective_deltas, rand, random_lora
+
+TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def flux_base(rng, dtype="BF16", n_in=16):
+    """A tiny BFL-layout Flux transformer: every canonical module, rows as random_lora makes them, plus a bias
+    and a tensor no LoRA targets."""
+    base = {}
+    for m in load_architecture("flux1").unet.table.modules.values():
+        rows = 6 * (sum(m.split) if m.split else 1)
+        base[m.canonical + ".weight"] = rand(rng, (rows, n_in), dtype)
+        base[m.canonical + ".bias"] = rand(rng, (rows,), dtype)
+    base["pe_embedder.freqs"] = rand(rng, (4,), "F32")
+    return base
+
+
+def to_diffusers_layout(base):
+    """The same weights in a diffusers folder layout (split rows, swapped adaLN halves)."""
+    out = {}
+    for m in load_architecture("flux1").unet.table.modules.values():
+        for suffix in (".weight", ".bias"):
+            t = base[m.canonical + suffix]
+            if m.op == "swap_halves":
+                n = t.shape[0]
+                t = Tensor.concat([t[n // 2:], t[:n // 2]])
+            if m.split:
+                unit = t.shape[0] // sum(m.split)
+                r = 0
+                for name, p in zip(m.diffusers, m.split):
+                    out[name + suffix] = t[r:r + unit * p].copy()
+                    r += unit * p
+            else:
+                out[m.diffusers[0] + suffix] = t
+    return out
+
+
+def reference(base, loras, dtype):
+    """W + sum(ratio * scale * delta) in float64, then torch's rounding to `dtype`."""
+    out = {}
+    deltas = [(effective_deltas(lora), r) for lora, r in loras]
+    for key, t in base.items():
+        w = t.values()
+        module = key[: -len(".weight")]
+        if key.endswith(".weight"):
+            for d, r in deltas:
+                if ("unet", module) in d:
+                    w = w + r * d[("unet", module)]
+        out[key] = torch.from_numpy(w).to(TORCH.get(dtype, torch.float32)) if t.dtype in TORCH else None
+    return out
+
+
+def write_lora(path, lora, dialect):
+    res = convert(lora, dialect)
+    write_tensors(path, res.tensors, res.metadata)
+    return path
+
+
+def as_torch(t):
+    a = np.array(t.array)
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if t.dtype == "BF16" else torch.from_numpy(a)
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bf16", "fp16", "fp32"])
+def test_merge_equals_float64_reference_rounded_once(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    base = flux_base(rng)
+    write_tensors(tmp_path / "base.safetensors", base, {"note": "kept"})
+    a = random_lora("flux1", seed=1, every=3, alpha=3.0, text_encoders=False)  # whole qkv/linear1
+    b = random_lora("flux1", seed=2, every=2, alpha=4.0, slices=True, text_encoders=False)  # slices, diffusers
+    la = write_lora(tmp_path / "a.safetensors", a, "kohya")
+    lb = write_lora(tmp_path / "b.safetensors", b, "diffusers")
+    report = merge(tmp_path / "base.safetensors", [(la, 0.8), (lb, -0.5)], tmp_path / "out.safetensors", dtype=dtype)
+    assert report.merged > 0 and report.architecture == "flux1" and report.layout == "bfl"
+    out, meta = read_tensors(tmp_path / "out.safetensors")
+    target = {"keep": "BF16", "bf16": "BF16", "fp16": "F16", "fp32": "F32"}[dtype]
+    ref = reference(base, [(a, 0.8), (b, -0.5)], target)
+    for key, t in out.items():
+        if key == "pe_embedder.freqs":  # no LoRA targets it: kept, or only cast
+            want = torch.from_numpy(base[key].values()).to(TORCH["F32" if dtype == "keep" else target])
+            assert torch.equal(as_torch(t), want)
+            continue
+        assert t.dtype == target, key
+        assert torch.equal(as_torch(t), ref[key]), key
+    record = json.loads(meta["lorabox.merge"])
+    assert meta["note"] == "kept"
+    assert [x["ratio"] for x in record["loras"]] == [0.8, -0.5]
+    import hashlib
+
+    assert record["base"]["sha256"] == hashlib.sha256((tmp_path / "base.safetensors").read_bytes()).hexdigest()
+    assert record["loras"][0]["sha256"] == hashlib.sha256(la.read_bytes()).hexdigest()
+
+
+def test_merge_into_a_diffusers_folder_matches_the_bfl_merge(tmp_path):
+    """Split rows, whole-on-split, slice-on-split and the swapped adaLN halves all land where the BFL merge puts them."""
+    rng = np.random.default_rng(3)
+    base = flux_base(rng, "F32")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    write_tensors(folder / "diffusion_pytorch_model.safetensors", to_diffusers_layout(base))
+    (folder / "config.json").write_text("{}")
+    write_tensors(tmp_path / "bfl.safetensors", base)
+    a = random_lora("flux1", seed=4, every=1, alpha=2.0, text_encoders=False)
+    b = random_lora("flux1", seed=5, every=1, alpha=8.0, slices=True, text_encoders=False)
+    loras = [(write_lora(tmp_path / "a.safetensors", a, "comfyui"), 1.0),
+             (write_lora(tmp_path / "b.safetensors", b, "diffusers"), 0.7)]
+    merge(folder, loras, tmp_path / "merged", dtype="keep")
+    merge(tmp_path / "bfl.safetensors", loras, tmp_path / "merged_bfl.safetensors")
+    assert (tmp_path / "merged" / "config.json").exists()
+    got, _ = read_tensors(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
+    want, _ = read_tensors(tmp_path / "merged_bfl.safetensors")
+    expected = to_diffusers_layout({k: v for k, v in want.items() if k != "pe_embedder.freqs"})
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert got[k].bits_equal(expected[k]), k
+
+
+def test_block_ratio_and_bias_delta(tmp_path):
+    rng = np.random.default_rng(6)
+    base = flux_base(rng, "F32")
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", seed=7, every=1, alpha=4.0, text_encoders=False)
+    ad = lora.adapters[("unet", "single_blocks.3.linear2", None)]
+    ad.tensors["diff_b"] = rand(rng, (6,), "F32")
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "o.safetensors",
+          block_ratios=[("single_blocks.*", 0.0), ("single_blocks.3.*", 2.0)])
+    out, _ = read_tensors(tmp_path / "o.safetensors")
+    d = effective_deltas(lora)
+    assert out["single_blocks.0.linear1.weight"].bits_equal(base["single_blocks.0.linear1.weight"])  # ratio 0
+    assert out["double_blocks.0.img_attn.qkv.weight"].bits_equal(
+        Tensor.from_values(base["double_blocks.0.img_attn.qkv.weight"].values() + d[("unet", "double_blocks.0.img_attn.qkv")], "F32"))
+    assert out["single_blocks.3.linear2.bias"].bits_equal(  # 0 * 2 = 0: both patterns apply
+        base["single_blocks.3.linear2.bias"])
+
+
+def test_wrong_architecture_unknown_targets_and_drop_unknown(tmp_path):
+    rng = np.random.default_rng(8)
+    write_tensors(tmp_path / "base.safetensors", flux_base(rng))
+    sdxl = write_lora(tmp_path / "sdxl.safetensors", random_lora("sdxl", every=50), "kohya")
+    with pytest.raises(UnknownArchitecture, match="is for sdxl, the base is flux1"):
+        merge(tmp_path / "base.safetensors", [(sdxl, 1.0)], tmp_path / "o.safetensors")
+    with_te = write_lora(tmp_path / "te.safetensors", random_lora("flux1", every=20), "kohya")
+    with pytest.raises(UnmappedKeysError, match="land on no weight of this checkpoint"):
+        merge(tmp_path / "base.safetensors", [(with_te, 1.0)], tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    report = merge(tmp_path / "base.safetensors", [(with_te, 1.0)], tmp_path / "o.safetensors", drop_unknown=True)
+    assert report.dropped and all(d.startswith(("clip_l:", "t5xxl:")) for d in report.dropped)
+
+
+def test_output_rules_and_no_partial_file(tmp_path, monkeypatch):
+    rng = np.random.default_rng(9)
+    write_tensors(tmp_path / "base.safetensors", flux_base(rng))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", every=5, text_encoders=False), "kohya")
+    with pytest.raises(OutputError, match="is \\(inside\\) an input"):
+        merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "base.safetensors")
+    with pytest.raises(OutputError, match="is \\(inside\\) an input"):
+        merge(tmp_path / "base.safetensors", [(lora, 1.0)], lora)
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "o.safetensors", progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
+    with pytest.raises(OutputError, match="GB free"):
+        merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "o.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
+
+
+def test_cli_merge_errors_are_one_line(tmp_path):
+    rng = np.random.default_rng(10)
+    write_tensors(tmp_path / "base.safetensors", flux_base(rng))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", every=5, text_encoders=False), "kohya")
+    cli = [sys.executable, "-m", "lorabox", "merge", str(tmp_path / "base.safetensors")]
+    proc = subprocess.run(cli + ["--lora", f"{lora}:abc", "-o", str(tmp_path / "o.safetensors")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "is not a number" in proc.stderr
+    proc = subprocess.run(cli + ["--lora", f"{lora}:0.5", "-o", str(tmp_path / "o.safetensors"), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["loras"][0]["ratio"] == 0.5

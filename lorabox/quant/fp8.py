@@ -92,15 +92,19 @@ def round_fp8(x: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int 
     flat = x.reshape(-1)
     out = np.empty(flat.shape, np.uint8)
     rng = np.random.Generator(np.random.PCG64(seed)) if stochastic else None
-    for start in range(0, flat.size, CHUNK):
-        chunk = flat[start:start + CHUNK]
-        chunk = np.array(chunk, dtype=np.float32, copy=True)  # a private float32 buffer to work in
-        if rng is None:
-            out[start:start + CHUNK] = _rne(chunk, spec)
-        else:
-            draws = rng.bit_generator.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
-            out[start:start + CHUNK] = _stochastic(chunk, spec, draws.view("<u4")[:chunk.size])
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf inputs are expected
+        for start in range(0, flat.size, CHUNK):
+            _round_chunk(flat, out, start, spec, rng)
     return out.reshape(x.shape)
+
+
+def _round_chunk(flat: np.ndarray, out: np.ndarray, start: int, spec: _Spec, rng) -> None:
+    chunk = np.array(flat[start:start + CHUNK], dtype=np.float32, copy=True)  # a private buffer to work in
+    if rng is None:
+        out[start:start + CHUNK] = _rne(chunk, spec)
+    else:
+        draws = rng.bit_generator.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
+        out[start:start + CHUNK] = _stochastic(chunk, spec, draws.view("<u4")[:chunk.size])
 
 
 def _split(x: np.ndarray, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
@@ -145,14 +149,21 @@ def _stochastic(x: np.ndarray, spec: _Spec, draws: np.ndarray) -> np.ndarray:
     code -= (127 - spec.bias) << spec.man
     code += (draws >> (32 - shift)) < rem
     low = x < np.float32(2.0 ** (1 - spec.bias))
-    if low.any():
+    count = np.count_nonzero(low)
+    if count:
         # fp8 subnormal range: t = |x| / step (exact); floor(t + u), u = draw / 2^32, in float64, where the
         # sum is exact whenever t >= 2^-9 (t carries 24 significant bits, u 32 below the point)
-        t = x[low].astype(np.float64)
+        dense = count * 4 > x.size  # many: compute everywhere and select; few: gather and scatter
+        t = (x if dense else x[low]).astype(np.float64)
         t *= 2.0 ** (spec.bias - 1 + spec.man)
-        t += draws[low] * 2.0 ** -32
+        u = (draws if dense else draws[low]).astype(np.float64)
+        u *= 2.0 ** -32
+        t += u
         np.floor(t, out=t)
-        code[low] = t.astype(np.uint32)
+        if dense:
+            np.copyto(code, t.astype(np.uint32), where=low)
+        else:
+            code[low] = t.astype(np.uint32)
     np.minimum(code, spec.nan, out=code)
     code |= sign
     return code.astype(np.uint8)

@@ -96,13 +96,17 @@ class Tensor:
     def from_values(values: np.ndarray, dtype: str) -> "Tensor":
         """Round float values to `dtype` (round-to-nearest-even)."""
         if dtype == "BF16":
-            f = np.array(values, dtype=np.float32, order="C")
-            u = f.view(np.uint32)
-            rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-            nan = np.isnan(f)
-            if nan.any():
-                rounded[nan] = 0x7FC0
-            return Tensor(rounded, "BF16")
+            f = np.asarray(values, dtype=np.float32)
+            u = f.view(np.uint32) if f.flags.c_contiguous else np.ascontiguousarray(f).view(np.uint32)
+            r = u >> 16  # round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate
+            r &= 1
+            r += 0x7FFF
+            r += u
+            r >>= 16
+            out = r.astype(np.uint16)
+            if (out & 0x7F80 == 0x7F80).any():  # inf/nan in the output: keep nan a (quiet) nan
+                out[np.isnan(f)] = 0x7FC0
+            return Tensor(out.reshape(f.shape), "BF16")
         if dtype in NATIVE:
             return Tensor(np.asarray(values).astype(NATIVE[dtype]), dtype)
         raise ValueError(f"cannot round to {dtype}")

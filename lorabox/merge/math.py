@@ -27,19 +27,24 @@ class DeltaCache:
         return self._full[key]
 
 
-def delta_rows(a: Adapter, idx: np.ndarray, cache: DeltaCache) -> np.ndarray | None:
-    """Rows `idx` of the adapter's delta (scale applied, ratio not), float64."""
+def delta_rows(a: Adapter, idx: np.ndarray | slice, cache: DeltaCache, ratio: float = 1.0) -> np.ndarray | None:
+    """Rows `idx` of the adapter's delta times `ratio` (scale applied), float64."""
     t = a.tensors
     if a.kind == "lora" and "mid" not in t:
         up = t["up"][idx].values()
+        n = up.shape[0]
         down = t["down"].values()
-        d = (up.reshape(len(idx), -1) @ down.reshape(down.shape[0], -1)) * a.scale
-        d = d.reshape(len(idx), *down.shape[1:])
+        d = (up.reshape(n, -1) @ down.reshape(down.shape[0], -1)).reshape(n, *down.shape[1:])
+        # in the order of the definition, ratio * (scale * up@down + diff), so the float64 value is the same
+        if a.scale != 1.0:
+            d *= a.scale
         if "diff" in t:
-            d = d + t["diff"][idx].values().reshape(d.shape)
+            d += t["diff"][idx].values().reshape(d.shape)
+        if ratio != 1.0:
+            d *= ratio
         return d
     full = cache.full(a)
-    return None if full is None else full[idx]
+    return None if full is None else ratio * full[idx]
 
 
 def magnitude(a: Adapter) -> np.ndarray | None:
@@ -56,28 +61,30 @@ def magnitude(a: Adapter) -> np.ndarray | None:
 
 
 def apply_weight_block(w: np.ndarray, rows: slice, patches: list[Patch], cache: DeltaCache) -> np.ndarray:
-    """Add every patch's delta to `w` (float64, the rows `rows` of a weight), in order; returns `w`."""
-    base_rows = np.arange(rows.start, rows.stop)
+    """Add every patch's delta to `w` (float64, the rows `rows` of a weight), in order, in place; returns `w`."""
     for p in patches:
-        idx = base_rows if p.row_map is None else p.row_map[base_rows]
-        hit = idx >= 0
-        if not hit.any():
-            continue
-        sel = np.flatnonzero(hit)
-        d = delta_rows(p.adapter, idx[sel], cache)
-        m = magnitude(p.adapter)
-        target = w[sel]
+        if p.row_map is None:  # the common case: the whole weight, rows as they are (slices, no copies)
+            sel, idx = slice(None), rows
+        else:
+            mapped = p.row_map[rows]
+            keep = np.flatnonzero(mapped >= 0)
+            if not len(keep):
+                continue
+            sel, idx = keep, mapped[keep]
+        target = w[sel]  # a view for slices, a copy for index arrays (written back below)
+        d = delta_rows(p.adapter, idx, cache, p.ratio)
         if d is not None:
             if d.size != target.size:
                 raise ShapeMismatch(
                     f"{p.adapter.module}: the LoRA's delta has {d[0].size} inputs per row, the base weight "
                     f"{target[0].size}: a LoRA for another model size.")
-            target = target + p.ratio * d.reshape(target.shape)
+            target += d.reshape(target.shape)
+        m = magnitude(p.adapter)
         if m is not None:
-            flat = target.reshape(len(sel), -1)
-            norm = np.linalg.norm(flat, axis=1)
-            target = (flat * (m[idx[sel]] / norm)[:, None]).reshape(target.shape)
-        w[sel] = target
+            flat = target.reshape(target.shape[0], -1)
+            flat *= (m[idx] / np.linalg.norm(flat, axis=1))[:, None]
+        if not isinstance(sel, slice):
+            w[sel] = target
     return w
 
 

@@ -99,12 +99,37 @@ def round_fp8(x: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int 
 
 
 def _round_chunk(flat: np.ndarray, out: np.ndarray, start: int, spec: _Spec, rng) -> None:
-    chunk = np.array(flat[start:start + CHUNK], dtype=np.float32, copy=True)  # a private buffer to work in
+    chunk = flat[start:start + CHUNK]
     if rng is None:
-        out[start:start + CHUNK] = _rne(chunk, spec)
+        bits = chunk.astype(np.float32, copy=False).view(np.uint32)  # read only: no copy of float32 input
+        out[start:start + CHUNK] = _rne_by_table(bits, spec)
     else:
+        chunk = np.array(chunk, dtype=np.float32, copy=True)  # a private buffer to work in
         draws = rng.bit_generator.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
         out[start:start + CHUNK] = _stochastic(chunk, spec, draws.view("<u4")[:chunk.size])
+
+
+_RNE_TABLES: dict[_Spec, np.ndarray] = {}
+
+
+def _rne_by_table(bits: np.ndarray, spec: _Spec) -> np.ndarray:
+    """Round to nearest even depends only on the bits down to the round bit (sign, exponent, mantissa to
+    one below the kept ones) and on whether any lower bit is set (sticky): index a 2^14-entry (e4m3fn) or
+    2^13-entry (e5m2) table with them. The table is `_rne` applied to one representative of each class."""
+    low = 22 - spec.man  # bits below the round bit of the normal range; finer than any subnormal's
+    table = _RNE_TABLES.get(spec)
+    if table is None:
+        top = np.arange(1 << (32 - low), dtype=np.uint32)
+        reps = np.stack([top << low, (top << low) | 1], axis=1).reshape(-1)  # index = top * 2 + sticky
+        with np.errstate(invalid="ignore"):
+            table = _RNE_TABLES[spec] = _rne(reps.view(np.float32).copy(), spec)
+    index = bits >> low
+    index <<= 1
+    sticky = bits & ((1 << low) - 1)
+    sticky += (1 << low) - 1  # carries into bit `low` exactly when some low bit is set
+    sticky >>= low
+    index |= sticky
+    return table[index]
 
 
 def _split(x: np.ndarray, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
@@ -173,11 +198,13 @@ _TABLES: dict[str, np.ndarray] = {}
 
 
 def decode_fp8(bits: np.ndarray, dtype: str) -> np.ndarray:
-    """fp8 bits -> float32 values (exact), by table."""
+    """fp8 bits -> float32 values (exact, NaNs keep their sign), by table: what torch's cast gives."""
     table = _TABLES.get(dtype)
     if table is None:
         _spec(dtype)
-        table = _TABLES[dtype] = Tensor(np.arange(256, dtype=np.uint8), dtype).values().astype(np.float32)
+        codes = np.arange(256, dtype=np.uint8)
+        table = Tensor(codes, dtype).values().astype(np.float32)
+        table = _TABLES[dtype] = np.copysign(table, np.where(codes & 0x80, -1, 1).astype(np.float32))  # NaN too
     return table[np.asarray(bits, dtype=np.uint8)]
 
 

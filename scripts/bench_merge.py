@@ -1,0 +1,133 @@
+"""Benchmark `lorabox merge` on full-size synthetic checkpoints with the real key layout.
+
+Shapes come from diffusers' models built on the meta device (SDXL UNet fp16, FLUX.1-dev transformer bf16); the
+LoRA-targetable weights and biases are written under their canonical names (model.diffusion_model.<SGM> for SDXL,
+bare BFL names for Flux), everything else (norms, embeddings) under diffusers' names. A LoRA of the given rank on
+every targetable weight is merged; the script reports wall time, peak RSS of the merge process, and the ratio to a
+plain copy (`cp`) of the same file in the same run.
+
+    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
+    .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench   # needs ~50 GB free
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lorabox.io.safetensors import StreamWriter, write_tensors  # noqa: E402
+from lorabox.keymap import load_architecture  # noqa: E402
+from lorabox.tensor import Tensor  # noqa: E402
+from scripts.bench_convert import FLUX1_DEV  # noqa: E402
+
+SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def layout(model: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, tuple[int, ...]]]:
+    """(checkpoint key -> (shape, dtype), canonical module -> weight shape)."""
+    import torch
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    cls, cfg, dtype, prefix = ((FluxTransformer2DModel, FLUX1_DEV, "BF16", "") if model == "flux1"
+                               else (UNet2DConditionModel, SDXL, "F16", "model.diffusion_model."))
+    with torch.device("meta"):
+        sd = {k: tuple(v.shape) for k, v in cls(**cfg).state_dict().items()}
+    keys, modules = {}, {}
+    used = set()
+    for m in load_architecture(model).unet.table.modules.values():
+        for suffix in (".weight", ".bias"):
+            parts = [d + suffix for d in m.diffusers]
+            if not all(p in sd for p in parts):
+                continue
+            shape = (sum(sd[p][0] for p in parts), *sd[parts[0]][1:])
+            keys[prefix + m.canonical + suffix] = (shape, dtype)
+            used.update(parts)
+            if suffix == ".weight":
+                modules[m.canonical] = shape
+    for k, shape in sd.items():
+        if k not in used:
+            keys[prefix + k] = (shape, dtype)
+    return keys, modules
+
+
+def write_base(path: Path, keys) -> None:
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal(1 << 22).astype(np.float32) * 0.02
+    entries = [(k, dt, shape) for k, (shape, dt) in keys.items()]
+    with StreamWriter(path, entries, {"note": "lorabox synthetic benchmark base"}) as w:
+        for k, dt, shape in entries:
+            n = int(np.prod(shape))
+            vals = np.resize(block, n).reshape(shape)
+            w.write(k, Tensor.from_values(vals, dt) if dt == "BF16" else Tensor(vals.astype(np.float16), dt))
+
+
+def write_lora(path: Path, modules, rank: int) -> None:
+    rng = np.random.default_rng(1)
+    t = {}
+    for name, shape in modules.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        n_in = int(np.prod(shape[1:]))
+        down = rng.standard_normal((rank, n_in)).astype(np.float32) * 0.01
+        up = rng.standard_normal((shape[0], rank)).astype(np.float32) * 0.01
+        t[key + ".lora_down.weight"] = Tensor.from_values(down.reshape(rank, *shape[1:]) if len(shape) == 4 and shape[2] == 1
+                                                          else down.reshape((rank, *shape[1:])) if len(shape) == 4 else down, "BF16")
+        t[key + ".lora_up.weight"] = Tensor.from_values(up.reshape(shape[0], rank, 1, 1) if len(shape) == 4 else up, "BF16")
+        t[key + ".alpha"] = Tensor.scalar(rank / 2)
+    write_tensors(path, t)
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS GiB) of a command, from GNU time."""
+    t = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 2**20
+    return time.perf_counter() - t, rss
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["sdxl", "flux1"], default="sdxl")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--dir", default="/tmp/lorabox-bench")
+    args = ap.parse_args()
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    keys, modules = layout(args.model)
+    base, lora, copy, out = d / f"{args.model}.safetensors", d / "lora.safetensors", d / "copy.safetensors", d / "out.safetensors"
+    params = sum(int(np.prod(s)) for s, _ in keys.values())
+    t = time.perf_counter()
+    if not base.exists():
+        write_base(base, keys)
+    print(f"{args.model}: {len(keys)} tensors, {params / 1e9:.2f} B params, {base.stat().st_size / 1e9:.1f} GB "
+          f"(written in {time.perf_counter() - t:.0f} s)")
+    write_lora(lora, modules, args.rank)
+    print(f"LoRA rank {args.rank} on {len(modules)} weights: {lora.stat().st_size / 1e6:.0f} MB")
+    t_copy, rss_copy = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
+    copy.unlink()
+    print(f"plain copy (cp + sync): {t_copy:.1f} s")
+    t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
+                        "--overwrite", "--json"])
+    print(f"lorabox merge: {t_merge:.1f} s, peak RSS {rss:.2f} GiB, ratio to copy {t_merge / t_copy:.2f}")
+    out.unlink()
+    if os.environ.get("KEEP") != "1":
+        shutil.rmtree(d)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ every type; it cannot encode the K-quants.
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 import os
 import platform
 import sys
@@ -53,11 +54,13 @@ def main() -> None:
     mp = x.size / 1e6
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{args.shape[0]}x{args.shape[1]} float32 ({mp:.1f} Mparam), {cpus} CPUs, threads={args.threads or cpus}, "
-          f"numpy {np.__version__}, gguf {getattr(gguf, '__version__', '?')}, {platform.processor() or platform.machine()}")
+          f"numpy {np.__version__}, gguf {metadata.version('gguf')}, {platform.processor() or platform.machine()}")
     print()
     head = ("type", "B/param", "rel. RMSE", "quant Mp/s", "dequant Mp/s", "gguf quant Mp/s", "gguf dequant Mp/s", "bytes = gguf")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
+    for qt in args.types:  # warm-up: a process's first chunk-sized temporaries are page-faulted in (malloc's mmap)
+        dequantize(quantize(x[:256], qt, threads=args.threads), qt, x[:256].shape, threads=args.threads)
     for qt in args.types:
         bs, ts = type_sizes(qt)
         tq, data = best_of(args.repeat, lambda: quantize(x, qt, threads=args.threads))

@@ -184,7 +184,7 @@ def _test_values(dtype: str, rng) -> np.ndarray:
     picks = rng.choice(lo.size, 24, replace=False)
     fractions = np.array([0.5, 1 / 3, 2**-10, 1 - 2**-10, 0.999, 0.01, 0.25, 0.7] * 3)
     x = lo[picks] + fractions * step[picks]
-    tiny = g[1] * np.array([0.3, 2**-6, 2**-9, 0.999])  # below the smallest subnormal (exact down to 2^-9 of it)
+    tiny = g[1] * np.array([0.3, 2**-5, 2**-9, 0.999])  # below the smallest subnormal (exact down to 2^-5 of it)
     top = g[-2] + np.array([0.1, 0.5, 0.9]) * (g[-1] - g[-2])
     x = np.concatenate([x, tiny, top]).astype(np.float32)
     return np.concatenate([x, -x[::3]])
@@ -274,6 +274,13 @@ def test_quantize_scaled_round_trip():
         assert scale2 == scale and np.max(np.abs(fp8.decode_fp8(bits2, dtype))) == fp8.fp8_max(dtype)
     with pytest.raises(ValueError, match="positive"):
         fp8.quantize_scaled(w, "F8_E4M3", scale=0.0)
+    # the scale is applied chunk by chunk to float32(w), whatever w's dtype
+    w64 = w.astype(np.float64) * (1 + 1e-9)
+    for stochastic in (False, True):
+        a = fp8.quantize_scaled(w64, "F8_E4M3", stochastic=stochastic, seed=1)
+        b = fp8.quantize_scaled(w64.astype(np.float32), "F8_E4M3", stochastic=stochastic, seed=1)
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1] == b[1]
     per_row = fp8.compute_scale(w, "F8_E4M3") * np.linspace(0.5, 1, 48, dtype=np.float32)[:, None]
     bits, scale = fp8.quantize_scaled(w, "F8_E4M3", scale=per_row)  # kohya-style [out, 1] scales broadcast
     np.testing.assert_array_equal(fp8.dequantize_scaled(bits, "F8_E4M3", scale),
@@ -461,6 +468,17 @@ def test_comfy_quant_tensor_layout(tmp_path):
     for name, w in ref.items():
         t = tensors[f"{name}.weight"]
         np.testing.assert_array_equal(fp8.dequantize_scaled(t.array, t.dtype, tensors[f"{name}.weight_scale"].array), w)
+
+
+def test_comfy_quant_conf_round_trip():
+    conf = fp8.comfy_quant_conf("F8_E4M3")
+    assert conf == {"format": "float8_e4m3fn"}
+    t = fp8.encode_comfy_quant(conf)
+    assert t.dtype == "U8" and t.array.tobytes() == b'{"format": "float8_e4m3fn"}'
+    assert fp8.parse_comfy_quant(t) == fp8.parse_comfy_quant(t.array.tobytes()) == conf
+    with pytest.raises(ValueError, match="JSON object"):
+        fp8.parse_comfy_quant(b"[1]")
+    assert json.loads(fp8.quantization_metadata({"a": conf})) == {"format_version": "1.0", "layers": {"a": conf}}
 
 
 def test_detect_other_cases():

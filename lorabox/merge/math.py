@@ -15,10 +15,19 @@ from .plan import Patch
 
 
 class DeltaCache:
-    """Full deltas of adapters that are not plain LoRA (LoHa, LoKr, Tucker), computed once per base weight."""
+    """Per base weight: decoded `down` factors (float64, flattened) of plain LoRAs, and the full deltas of the
+    other kinds (LoHa, LoKr, Tucker), each computed once rather than per row block."""
 
     def __init__(self):
         self._full: dict[int, np.ndarray] = {}
+        self._down: dict[int, np.ndarray] = {}
+
+    def down(self, a: Adapter) -> np.ndarray:
+        key = id(a)
+        if key not in self._down:
+            d = a.tensors["down"].values()
+            self._down[key] = d.reshape(d.shape[0], -1)
+        return self._down[key]
 
     def full(self, a: Adapter) -> np.ndarray:
         key = id(a)
@@ -33,8 +42,7 @@ def delta_rows(a: Adapter, idx: np.ndarray | slice, cache: DeltaCache, ratio: fl
     if a.kind == "lora" and "mid" not in t:
         up = t["up"][idx].values()
         n = up.shape[0]
-        down = t["down"].values()
-        d = (up.reshape(n, -1) @ down.reshape(down.shape[0], -1)).reshape(n, *down.shape[1:])
+        d = (up.reshape(n, -1) @ cache.down(a)).reshape(n, *t["down"].shape[1:])
         # in the order of the definition, ratio * (scale * up@down + diff), so the float64 value is the same
         if a.scale != 1.0:
             d *= a.scale

@@ -9,9 +9,10 @@ Rounding (`round_fp8`)
   - round to nearest, ties to even: bit for bit what `torch.clamp(x, -max, max).to(float8)` gives, for
     every float32 (zeros keep their sign; float32 subnormals included).
   - stochastic: rounds |x| up to the next fp8 value with probability (|x| - lo) / (hi - lo), else down to
-    lo, so E[q] = x. The probability is exact (an integer comparison of the discarded mantissa bits with
-    a 32-bit uniform draw) whenever |x| >= 2^-9 times the smallest fp8 subnormal (2^-18 for e4m3fn,
-    2^-25 for e5m2); below that it is off by less than 2^-32 of that subnormal step.
+    lo, so E[q] = x. The probability is exact (an integer uniform draw added below the kept bits, then
+    truncation) whenever |x| >= 2^(man-8) times the smallest fp8 subnormal (2^-14 for e4m3fn, 2^-22
+    for e5m2); below that it falls short by less than 2^-(31-man) of that subnormal step (2^-37 and
+    2^-45 in absolute terms).
     The random stream is numpy's PCG64 seeded with `seed` (ComfyUI's convention: `seed_for_key(name)`,
     the CRC32 of the weight's key), one 32-bit draw per element in flat (C) order, drawn in chunks of
     `CHUNK` elements, so the result depends only on (seed, values), not on the shape or the chunking,
@@ -45,7 +46,7 @@ from ..tensor import Tensor
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 COMFY_FORMATS = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 FORMAT_DTYPES = {v: k for k, v in COMFY_FORMATS.items()}
-CHUNK = 1 << 18  # elements per step (even: the random stream does not depend on it)
+CHUNK = 1 << 16  # elements per step (even: the random stream does not depend on it)
 METADATA_KEY = "_quantization_metadata"
 
 
@@ -84,65 +85,99 @@ def round_fp8(x: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int 
     """Round `x` (any real dtype; computed on its float32 values) to fp8 bits (uint8, same shape).
 
     Saturates to ±max first (see the module doc); `stochastic=True` needs `seed` (use `seed_for_key`).
-    A non-contiguous `x` is copied once; otherwise memory beyond input and output stays a few MB."""
-    spec = _spec(dtype)
+    A non-contiguous `x` is copied once; otherwise memory beyond input and output stays under 2 MB."""
+    return _round(x, _spec(dtype), stochastic, seed, None)
+
+
+def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier) -> np.ndarray:
+    """round_fp8 of float32(x) * multiplier (a float32 scalar, or None for 1), chunk by chunk."""
     if stochastic and seed is None:
         raise ValueError("stochastic rounding needs a seed (seed_for_key(weight name))")
     x = np.asarray(x)
     flat = x.reshape(-1)
     out = np.empty(flat.shape, np.uint8)
+    work = _Work(min(CHUNK, flat.size), spec, stochastic, multiplier)
     rng = np.random.Generator(np.random.PCG64(seed)) if stochastic else None
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf inputs are expected
         for start in range(0, flat.size, CHUNK):
-            _round_chunk(flat, out, start, spec, rng)
+            chunk, dest = flat[start:start + CHUNK], out[start:start + CHUNK]
+            if rng is None:
+                _rne_chunk(chunk, dest, work)
+            else:
+                # one 32-bit draw per element, in flat order (an odd chunk can only be the last one)
+                draws = rng.bit_generator.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
+                _stochastic_chunk(chunk, dest, work, draws.view("<u4")[:chunk.size])
     return out.reshape(x.shape)
 
 
-def _round_chunk(flat: np.ndarray, out: np.ndarray, start: int, spec: _Spec, rng) -> None:
-    chunk = flat[start:start + CHUNK]
-    if rng is None:
-        bits = chunk.astype(np.float32, copy=False).view(np.uint32)  # read only: no copy of float32 input
-        out[start:start + CHUNK] = _rne_by_table(bits, spec)
-    else:
-        chunk = np.array(chunk, dtype=np.float32, copy=True)  # a private buffer to work in
-        draws = rng.bit_generator.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
-        out[start:start + CHUNK] = _stochastic(chunk, spec, draws.view("<u4")[:chunk.size])
+class _Work:
+    """Buffers reused by every chunk of one call: allocating per chunk costs page faults, which on a
+    small VM cost more than the arithmetic."""
+
+    def __init__(self, n: int, spec: _Spec, stochastic: bool, multiplier):
+        self.spec = spec
+        self.multiplier = multiplier
+        self.f32 = np.empty(n, np.float32)
+        self.u32 = [np.empty(n, np.uint32) for _ in range(2)]
+        self.mask = np.empty(n, np.bool_)
+        self.fixed = np.empty(n if stochastic else 0, np.uint32)
+        if not stochastic and spec not in _RNE_TABLES:
+            _RNE_TABLES[spec] = _rne_table(spec)
+
+    def load(self, src: np.ndarray) -> np.ndarray:
+        """float32(src) * multiplier, in the float32 buffer."""
+        x = self.f32[:src.size]
+        if self.multiplier is None:
+            np.copyto(x, src, casting="unsafe")
+        else:
+            np.multiply(src, self.multiplier, out=x, dtype=np.float32, casting="unsafe")
+        return x
 
 
 _RNE_TABLES: dict[_Spec, np.ndarray] = {}
 
 
-def _rne_by_table(bits: np.ndarray, spec: _Spec) -> np.ndarray:
+def _rne_table(spec: _Spec) -> np.ndarray:
     """Round to nearest even depends only on the bits down to the round bit (sign, exponent, mantissa to
-    one below the kept ones) and on whether any lower bit is set (sticky): index a 2^14-entry (e4m3fn) or
-    2^13-entry (e5m2) table with them. The table is `_rne` applied to one representative of each class."""
-    low = 22 - spec.man  # bits below the round bit of the normal range; finer than any subnormal's
-    table = _RNE_TABLES.get(spec)
-    if table is None:
-        top = np.arange(1 << (32 - low), dtype=np.uint32)
-        reps = np.stack([top << low, (top << low) | 1], axis=1).reshape(-1)  # index = top * 2 + sticky
-        with np.errstate(invalid="ignore"):
-            table = _RNE_TABLES[spec] = _rne(reps.view(np.float32).copy(), spec)
-    index = bits >> low
-    index <<= 1
-    sticky = bits & ((1 << low) - 1)
-    sticky += (1 << low) - 1  # carries into bit `low` exactly when some low bit is set
-    sticky >>= low
-    index |= sticky
-    return table[index]
+    one below the kept ones) and on whether any lower bit is set (sticky): a 2^14-entry (e4m3fn) or
+    2^13-entry (e5m2) table indexed by them holds every answer. Built by `_rne` on one representative
+    of each class."""
+    low = 22 - spec.man
+    top = np.arange(1 << (32 - low), dtype=np.uint32)
+    reps = np.stack([top << low, (top << low) | 1], axis=1).reshape(-1)  # index = top * 2 + sticky
+    with np.errstate(invalid="ignore"):
+        return _rne(reps.view(np.float32).copy(), spec)
 
 
-def _split(x: np.ndarray, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
+def _rne_chunk(src: np.ndarray, out: np.ndarray, work: _Work) -> None:
+    n = src.size
+    if src.dtype == np.float32 and work.multiplier is None:
+        bits = src.view(np.uint32)  # read only: float32 input is not copied
+    else:
+        bits = work.load(src).view(np.uint32)
+    low = 22 - work.spec.man  # bits below the round bit of the normal range; finer than any subnormal's
+    index, sticky = (b[:n] for b in work.u32)
+    np.right_shift(bits, low, out=index)
+    np.left_shift(index, 1, out=index)
+    np.bitwise_and(bits, (1 << low) - 1, out=sticky)
+    np.add(sticky, (1 << low) - 1, out=sticky)  # carries into bit `low` exactly when some low bit is set
+    np.right_shift(sticky, low, out=sticky)
+    np.bitwise_or(index, sticky, out=index)
+    np.take(_RNE_TABLES[work.spec], index, out=out)
+
+
+def _split(x: np.ndarray, spec: _Spec, sign: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sign bit as uint32 0/0x80, |x| saturated to max as uint32 bits); x is overwritten."""
     bits = x.view(np.uint32)
-    sign = bits >> 24
-    sign &= 0x80
+    sign = np.right_shift(bits, 24, out=sign)
+    np.bitwise_and(sign, 0x80, out=sign)
     np.abs(x, out=x)
     np.minimum(x, np.float32(spec.max), out=x)  # NaN stays NaN
     return sign, bits
 
 
 def _rne(x: np.ndarray, spec: _Spec) -> np.ndarray:
+    """Round to nearest even in arithmetic (builds the table `_rne_chunk` looks up)."""
     sign, bits = _split(x, spec)
     shift = 23 - spec.man
     # normal fp8 range: round the float32 bit pattern to `man` mantissa bits, ties to even, then rebias
@@ -164,34 +199,38 @@ def _rne(x: np.ndarray, spec: _Spec) -> np.ndarray:
     return code.astype(np.uint8)
 
 
-def _stochastic(x: np.ndarray, spec: _Spec, draws: np.ndarray) -> np.ndarray:
-    sign, bits = _split(x, spec)
+def _stochastic_chunk(src: np.ndarray, out: np.ndarray, work: _Work, draws: np.ndarray) -> None:
+    spec, n = work.spec, src.size
+    x = work.load(src)
+    sign, code = (b[:n] for b in work.u32)
+    sign, bits = _split(x, spec, sign)
     shift = 23 - spec.man
-    # normal fp8 range: truncate, then add one step when the 32-bit draw's top `shift` bits fall below
-    # the discarded bits: probability exactly discarded / 2^shift
-    rem = bits & ((1 << shift) - 1)
-    code = bits >> shift
-    code -= (127 - spec.bias) << spec.man
-    code += (draws >> (32 - shift)) < rem
-    low = x < np.float32(2.0 ** (1 - spec.bias))
-    count = np.count_nonzero(low)
-    if count:
-        # fp8 subnormal range: t = |x| / step (exact); floor(t + u), u = draw / 2^32, in float64, where the
-        # sum is exact whenever t >= 2^-9 (t carries 24 significant bits, u 32 below the point)
-        dense = count * 4 > x.size  # many: compute everywhere and select; few: gather and scatter
-        t = (x if dense else x[low]).astype(np.float64)
-        t *= 2.0 ** (spec.bias - 1 + spec.man)
-        u = (draws if dense else draws[low]).astype(np.float64)
-        u *= 2.0 ** -32
-        t += u
-        np.floor(t, out=t)
-        if dense:
-            np.copyto(code, t.astype(np.uint32), where=low)
-        else:
-            code[low] = t.astype(np.uint32)
-    np.minimum(code, spec.nan, out=code)
-    code |= sign
-    return code.astype(np.uint8)
+    # normal fp8 range: add a uniform integer below one step (the draw's top `shift` bits) to the bit
+    # pattern and truncate: it carries into the kept bits with probability exactly discarded / 2^shift
+    np.right_shift(draws, 32 - shift, out=code)
+    np.add(code, bits, out=code)
+    np.right_shift(code, shift, out=code)
+    np.subtract(code, (127 - spec.bias) << spec.man, out=code)  # wraps below; replaced there
+    low = np.less(x, np.float32(2.0 ** (1 - spec.bias)), out=work.mask[:n])
+    if low.any():
+        # fp8 subnormal range: |x| in 31-bit fixed point with (31 - man) bits below one subnormal step
+        # (float32 scaling by a power of two is exact; the conversion drops what lies below 2^-(31-man)
+        # of a step), plus a uniform integer of as many bits, then truncate
+        fixed = work.fixed[:n]
+        np.multiply(x, np.float32(2.0 ** (spec.bias + 30)), out=x)  # |x| / step * 2^(31 - man)
+        np.copyto(fixed, x, casting="unsafe")  # (outside this range it overflows: not used)
+        np.right_shift(draws, spec.man + 1, out=draws)
+        np.add(fixed, draws, out=fixed)
+        np.right_shift(fixed, 31 - spec.man, out=fixed)
+        select = draws  # spent: reuse as a 0 / all-ones mask (a masked copy is 20x slower than this)
+        np.copyto(select, low)
+        np.subtract(0, select, out=select)
+        np.bitwise_xor(fixed, code, out=fixed)
+        np.bitwise_and(fixed, select, out=fixed)
+        np.bitwise_xor(code, fixed, out=code)
+    np.minimum(code, spec.nan, out=code)  # NaN: every NaN pattern lands above the largest finite code
+    np.bitwise_or(code, sign, out=code)
+    np.copyto(out, code, casting="unsafe")
 
 
 _TABLES: dict[str, np.ndarray] = {}
@@ -213,19 +252,26 @@ def decode_fp8(bits: np.ndarray, dtype: str) -> np.ndarray:
 def dequantize_scaled(q_bits: np.ndarray, dtype: str, scale) -> np.ndarray:
     """W = q * scale in float32, as ComfyUI does (`weight.to(float32) * scale_weight`). `scale` may be a
     scalar or any array that broadcasts (per-row scales)."""
-    return decode_fp8(q_bits, dtype) * np.asarray(scale, dtype=np.float32)
+    values = decode_fp8(q_bits, dtype)
+    scale = np.asarray(scale, dtype=np.float32)
+    if np.broadcast_shapes(values.shape, scale.shape) != values.shape:
+        return values * scale
+    return np.multiply(values, scale, out=values)
 
 
 def compute_scale(w: np.ndarray, dtype: str) -> np.ndarray:
     """amax(|w|) / max as a float32 scalar, ComfyUI's `scale="recalculate"` / `scale=None`
     (`TensorCoreFP8Layout.quantize`). An all-zero weight gets scale 1 (ComfyUI would divide by zero and
     store NaN); a non-finite weight is refused."""
-    amax = np.max(np.abs(np.asarray(w, dtype=np.float32)), initial=np.float32(0))
+    w = np.asarray(w)
+    if w.size == 0:
+        return np.ones((), np.float32)
+    amax = np.float32(max(np.max(w), -np.min(w)))  # no |w| temporary; NaN propagates
     if not np.isfinite(amax):
         raise ValueError("cannot compute an fp8 scale: the weight holds inf or NaN")
     if amax == 0:
-        return np.float32(1.0).reshape(())
-    return (np.float32(amax) / np.float32(fp8_max(dtype))).astype(np.float32).reshape(())
+        return np.ones((), np.float32)
+    return np.array(amax / np.float32(fp8_max(dtype)), dtype=np.float32)
 
 
 def quantize_scaled(w: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int | None = None,
@@ -233,17 +279,22 @@ def quantize_scaled(w: np.ndarray, dtype: str, *, stochastic: bool = False, seed
     """Quantize `w` to scaled fp8: returns (bits uint8, scale float32) with w ≈ dequant(bits) * scale.
 
     `scale=None` recomputes it as amax(|w|)/max (`compute_scale`), as ComfyUI does after a LoRA patch on a
-    comfy_quant layer; pass the old scale to keep it (ComfyUI 0.3.x legacy `set_weight` keeps it, and
-    saturates what no longer fits). As in ComfyUI's `TensorCoreFP8Layout.quantize`, w is multiplied by
-    the float32 reciprocal of the scale (not divided), so the round-to-nearest result matches it bit for
-    bit."""
+    comfy_quant layer (`set_weight` -> `from_float(scale=None)`); pass the old scale to keep it, as
+    ComfyUI 0.3.x does for a legacy layer (`scaled_fp8_ops.set_weight`; what no longer fits saturates).
+    As in ComfyUI's `TensorCoreFP8Layout.quantize`, float32(w) is multiplied by the float32 reciprocal
+    of the scale, so the round-to-nearest result matches it bit for bit (the legacy `set_weight`
+    divides instead, which can differ by one float32 ulp before rounding). A scalar scale is applied chunk by chunk (no full-size temporary); a
+    broadcastable array (per-row scales) is applied at once."""
+    spec = _spec(dtype)
     scale = compute_scale(w, dtype) if scale is None else np.asarray(scale, dtype=np.float32)
     with np.errstate(divide="ignore", over="ignore"):
         inverse = np.float32(1.0) / scale
     if not np.all(np.isfinite(inverse)) or not np.all(scale > 0):
         raise ValueError(f"fp8 scale must be positive and finite, with a finite reciprocal (got {scale})")
+    if inverse.size == 1:
+        return _round(w, spec, stochastic, seed, inverse.reshape(())[()]), scale
     scaled = np.asarray(w, dtype=np.float32) * inverse
-    return round_fp8(scaled, dtype, stochastic=stochastic, seed=seed), scale
+    return _round(scaled, spec, stochastic, seed, None), scale
 
 
 # -- ComfyUI layouts: reading ------------------------------------------------------------------------
@@ -318,7 +369,8 @@ def parse_quantization_metadata(metadata: Mapping[str, str] | None) -> dict | No
 
 def detect_scaled_fp8(entries: Mapping, metadata: Mapping[str, str] | None = None,
                       read: Callable[[str], object] | None = None) -> ScaledFp8Info:
-    """Find ComfyUI's scaled-fp8 layers from the keys and dtypes of a file.
+    """Find ComfyUI's scaled-fp8 layers from the keys and dtypes of a file (layer names exactly as the
+    file or its header metadata spells them).
 
     `entries`: key -> dtype string, (dtype, shape), a safetensors header entry or a `Tensor`; `metadata`:
     the header's `__metadata__`; `read(key)`: optional, returns a `<layer>.comfy_quant` tensor so its
@@ -328,8 +380,7 @@ def detect_scaled_fp8(entries: Mapping, metadata: Mapping[str, str] | None = Non
     info = {k: _entry(v) for k, v in entries.items()}
     markers = {}
     for key, (dtype, shape) in info.items():
-        if key.endswith("scaled_fp8") and (key == "scaled_fp8" or key.endswith(".scaled_fp8")) \
-                and dtype in FP8_DTYPES + ("F32",):
+        if (key == "scaled_fp8" or key.endswith(".scaled_fp8")) and dtype in FP8_DTYPES + ("F32",):
             size = None if shape is None else int(np.prod(shape, dtype=np.int64))
             markers[key] = ("F8_E4M3" if dtype == "F32" else dtype, None if size is None else size == 2)
     prefixes = sorted(((k[:-len("scaled_fp8")], k) for k in markers), key=lambda p: -len(p[0]))

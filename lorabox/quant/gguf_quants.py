@@ -5,7 +5,9 @@ K-quants, so Q4_K, Q5_K and Q6_K are encoded here with the idea of ggml's refere
 (`quantize_row_q{4,5,6}_K_ref`): per sub-block, try a few scale candidates and keep the least (weighted) squared
 error, then quantize the sub-block scales to 6 or 8 bits against one fp16 scale per 256-value super-block.
 The search runs on all sub-blocks at once; the result is not bit-identical with ggml, but decodes with any GGUF
-reader (`gguf.quants.dequantize` is the oracle in the tests).
+reader (`gguf.quants.dequantize` is the oracle in the tests). Unlike ggml's reference: fewer candidates
+(`_STEPS`), the candidates' rounding keeps the sub-block's own minimum, the 6/8-bit sub-block scales are
+rounded against the fp16 scale actually stored, and Q6_K's fp16 scale rounds away from zero (see `_to_f16`).
 
     data = quantize(weight, "Q4_K")                    # uint8 [..., row_bytes]
     back = dequantize(data, "Q4_K", weight.shape)      # float32
@@ -183,9 +185,14 @@ def _check_finite(lo, hi, qt) -> None:
                          hint="Check the merge inputs; a non-finite weight would decode as garbage.")
 
 
-def _to_f16(v: np.ndarray, qt: str) -> np.ndarray:
+def _to_f16(v: np.ndarray, qt: str, away: bool = False) -> np.ndarray:
+    """fp16 super-block scale. away=True rounds away from zero, so that the peak sub-block scale (v / d) does not
+    clip; that matters for Q6_K, whose d = max|x|/4096 is an fp16 subnormal (coarse) for weights below ~0.25."""
     with np.errstate(over="ignore"):
         h = v.astype(_F16)
+        if away:
+            short = np.abs(h.astype(_F32)) < np.abs(v)
+            h[short] = np.nextafter(h[short], np.copysign(_F16(np.inf), v[short]).astype(_F16))
     if not np.isfinite(h).all():
         raise QuantError(f"Can't quantize to {qt}: values too large for its fp16 block scales "
                          f"(a scale of {float(np.max(np.abs(v))):.3g}; fp16 ends at 65504).",
@@ -251,7 +258,8 @@ def _fit_scale_min(x: np.ndarray, nmax: int, steps, name: str) -> tuple[np.ndarr
             # weighted squared error less the constant sum(w*x*x); at a least-squares optimum (with or without
             # the offset pinned to 0) it is -(s*sum(w*l*x) + m*sum(w*x))
             e = -(s * slx + m * swx)
-            better = (det > 0) & (e < best_e)
+            # det ~ weighted variance of l: float noise, not a fit, when every l is equal (a constant row)
+            better = (det > 1e-6 * sw * sl2) & (e < best_e)
             best_e = np.where(better, e, best_e)
             best_s = np.where(better, s, best_s)
             best_m = np.where(better, m, best_m)
@@ -329,7 +337,11 @@ def _encode_q45_k(x: np.ndarray, name: str, bits: int) -> np.ndarray:
     pos = 4 + _K_SCALE_SIZE
     if bits == 5:
         # bit j of qh[l] = fifth bit of value l of sub-block j
-        out[:, pos:pos + _SUB45] = np.packbits((q >> 4).transpose(0, 2, 1), axis=-1, bitorder="little")[..., 0]
+        top = q >> 4
+        qh = out[:, pos:pos + _SUB45]
+        qh[:] = top[:, 0]
+        for j in range(1, n_sub):
+            qh |= top[:, j] << j
         pos += _SUB45
         q &= 0xF
     pairs = q.reshape(nb, n_sub // 2, 2, _SUB45)  # sub-blocks 2i (low nibble) and 2i+1 (high) share 32 bytes
@@ -350,7 +362,7 @@ def _encode_q6_k(x: np.ndarray) -> np.ndarray:
     scale = _fit_signed_scale(x.reshape(nb * n_sub, _SUB6), 32, _STEPS["Q6_K"], "Q6_K").reshape(nb, n_sub)
     # the scale of largest magnitude maps to -128, the others to -128..127
     peak = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)[:, 0]
-    d = _to_f16(np.where(np.abs(peak) >= _EPS, -peak / 128, 0), "Q6_K")
+    d = _to_f16(np.where(np.abs(peak) >= _EPS, -peak / 128, 0), "Q6_K", away=True)
     sc = _quantize_scales(scale, d, -128, 127)
     step = d.astype(_F32)[:, None] * sc
     inv = np.divide(1, step, out=np.zeros_like(step), where=step != 0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import itertools
 import operator
 import tomllib
 from dataclasses import dataclass, field

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorabox.conversion import convert
-from lorabox.errors import LoraboxError, OutputError, UnknownArchitecture, UnmappedKeysError
+from lorabox.errors import OutputError, UnknownArchitecture, UnmappedKeysError
 from lorabox.io.safetensors import read_tensors, write_tensors
 from lorabox.keymap import load_architecture
 from lorabox.merge.engine import merge

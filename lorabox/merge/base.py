@@ -1,6 +1,6 @@
 """Base checkpoints as a stream of tensors: one safetensors file, or a diffusers model folder (sharded, with an
-index). Tensors are read one at a time with pread into a fresh buffer (no mmap, so resident memory stays at a few
-tensors whatever the checkpoint size)."""
+index). The engine reads tensors one at a time in file order with preadv into fresh buffers (no mmap, so resident
+memory stays at a few tensors whatever the checkpoint size)."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import InputFileError
 from ..io.safetensors import read_header
-from ..tensor import Tensor, storage_dtype
 
 
 @dataclass(frozen=True)
@@ -73,16 +71,3 @@ def _shard(path: Path) -> Shard:
         begin, end = e["data_offsets"]
         shard.tensors.append(TensorInfo(name, e["dtype"], tuple(e["shape"]), path, data_start + begin, end - begin))
     return shard
-
-
-def read_tensor(info: TensorInfo, fd: int) -> Tensor:
-    buf = bytearray(info.nbytes)
-    view = memoryview(buf)
-    done = 0
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], info.offset + done)
-        if n == 0:
-            raise InputFileError(f"{info.file}: ends inside tensor {info.name!r}: truncated.")
-        done += n
-    arr = np.frombuffer(buf, dtype=storage_dtype(info.dtype)).reshape(info.shape)
-    return Tensor(arr, info.dtype)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..conversion import load_lora
-from ..errors import OutputError
+from ..errors import InputFileError, OutputError
 from ..io.safetensors import StreamWriter, same_file
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
@@ -193,8 +193,6 @@ def _read_in_order(shard: Shard, fd: int, hasher):
         while got < len(buf):
             n = os.preadv(fd, [view[got:]], start + got)
             if n == 0:
-                from ..errors import InputFileError
-
                 raise InputFileError(f"{shard.path}: ends inside tensor {info.name!r}: truncated.")
             got += n
         hasher.update(view)

@@ -173,15 +173,17 @@ def _block_ratio(value: str) -> tuple[str, float]:
               help="A LoRA to merge, with its own ratio. Repeat for several.")
 @click.option("--ratio", type=float, default=1.0, show_default=True, help="Ratio for LoRAs given without one.")
 @click.option("-o", "--output", type=click.Path(), required=True, help="Output file (a folder for a folder base).")
-@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32"]), default="keep", show_default=True,
-              help="Dtype of the output's floating tensors.")
+@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
+              show_default=True, help="Dtype of the output's floating tensors (fp8: matrices only).")
+@click.option("--rounding", type=click.Choice(["stochastic", "nearest"]), default="stochastic", show_default=True,
+              help="fp8 rounding of LoRA-patched weights (stochastic keeps weak LoRAs; seeded per key).")
 @click.option("--block-ratio", "block_ratios", multiple=True, metavar="PATTERN=R",
               help="Multiply the ratio on canonical modules matching PATTERN (fnmatch), e.g. 'double_blocks.1*=0.5'.")
 @arch_option
 @click.option("--drop-unknown", is_flag=True, help="Merge without adapters that land on no base weight, and report them.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @json_option
-def merge_cmd(base, loras, ratio, output, dtype, block_ratios, arch, drop_unknown, overwrite, as_json):
+def merge_cmd(base, loras, ratio, output, dtype, rounding, block_ratios, arch, drop_unknown, overwrite, as_json):
     """Merge LoRAs into a base checkpoint, streaming tensor by tensor in bounded memory.
 
     BASE is a .safetensors checkpoint (SD1.5/SDXL single file, BFL or ComfyUI-packaged FLUX.1) or a diffusers
@@ -202,7 +204,8 @@ def merge_cmd(base, loras, ratio, output, dtype, block_ratios, arch, drop_unknow
             bar.total = total
             bar.update(done - bar.n)
 
-        report = merge(base, specs, output, dtype=dtype, block_ratios=patterns, drop_unknown=drop_unknown,
+        report = merge(base, specs, output, dtype=dtype, rounding=rounding, block_ratios=patterns,
+                       drop_unknown=drop_unknown,
                        arch=arch, overwrite=overwrite, progress=progress)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))

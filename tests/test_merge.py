@@ -199,3 +199,71 @@ def test_cli_merge_errors_are_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["loras"][0]["ratio"] == 0.5
+
+
+FP8_TORCH = {"F8_E4M3": (torch.float8_e4m3fn, 448.0), "F8_E5M2": (torch.float8_e5m2, 57344.0)}
+
+
+def _fp8_merge(tmp_path, dtype, rounding, name="out.safetensors"):
+    rng = np.random.default_rng(11)
+    base = flux_base(rng, "BF16", n_in=64)
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", seed=12, every=2, alpha=4.0, text_encoders=False)
+    for a in lora.adapters.values():  # widths to match the base
+        a.tensors["down"] = rand(np.random.default_rng(13), (4, 64), "BF16")
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, 0.25)], tmp_path / name, dtype=dtype, rounding=rounding)
+    return base, lora, read_tensors(tmp_path / name)[0]
+
+
+@pytest.mark.parametrize("dtype,target", [("fp8_e4m3fn", "F8_E4M3"), ("fp8_e5m2", "F8_E5M2")])
+def test_fp8_nearest_equals_torch_cast(tmp_path, dtype, target):
+    base, lora, out = _fp8_merge(tmp_path, dtype, "nearest")
+    ref = reference(base, [(lora, 0.25)], "F32")
+    tdtype, fmax = FP8_TORCH[target]
+    for key, t in out.items():
+        if base[key].ndim < 2:  # biases keep bf16
+            assert t.dtype == base[key].dtype
+            continue
+        assert t.dtype == target
+        want = ref[key].clamp(-fmax, fmax).to(tdtype).view(torch.uint8).numpy()
+        assert np.array_equal(t.array, want), key
+
+
+def test_fp8_stochastic_is_deterministic_and_unbiased(tmp_path):
+    from lorabox.quant.fp8 import decode_fp8
+
+    base, lora, out = _fp8_merge(tmp_path, "fp8_e4m3fn", "stochastic")
+    _, _, again = _fp8_merge(tmp_path, "fp8_e4m3fn", "stochastic", "again.safetensors")
+    ref = reference(base, [(lora, 0.25)], "F32")
+    touched = {f"{m}.weight" for (_, m) in effective_deltas(lora)}
+    errors, spacing = [], []
+    for key in touched:
+        assert out[key].bits_equal(again[key]), key  # same inputs, same bytes
+        exact = ref[key].double().numpy()
+        got = decode_fp8(out[key].array, "F8_E4M3")
+        nearest = torch.from_numpy(exact).float().to(torch.float8_e4m3fn).double().numpy()
+        step = np.abs(exact) * 2.0**-3 + 2.0**-9  # at least the local fp8 spacing
+        assert (np.abs(got - exact) <= step).all(), key  # one of the two neighbours
+        errors.append((got - exact).ravel())
+        spacing.append(step.ravel())
+        assert not np.array_equal(got, nearest), key  # it really is stochastic
+    err, step = np.concatenate(errors), np.concatenate(spacing)
+    assert abs(err.mean()) < 6 * (step / 2).std() / np.sqrt(err.size) + 6 * step.mean() / np.sqrt(err.size)
+
+
+def test_fp8_base_keeps_its_type_and_scaled_fp8_is_refused(tmp_path):
+    rng = np.random.default_rng(14)
+    base = {k: (Tensor(np.asarray(torch.from_numpy(v.values()).float().to(torch.float8_e4m3fn).view(torch.uint8)),
+                       "F8_E4M3") if v.ndim == 2 else v) for k, v in flux_base(rng, "BF16").items()}
+    write_tensors(tmp_path / "fp8.safetensors", base)
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", every=4, text_encoders=False), "kohya")
+    merge(tmp_path / "fp8.safetensors", [(lora, 1.0)], tmp_path / "o.safetensors", rounding="nearest")
+    out, _ = read_tensors(tmp_path / "o.safetensors")
+    assert all(out[k].dtype == base[k].dtype for k in base)
+    scaled = dict(base, **{"scaled_fp8": Tensor.zeros((0,), "F8_E4M3"),
+                          "double_blocks.0.img_attn.qkv.scale_weight": Tensor.scalar(0.5)})
+    write_tensors(tmp_path / "scaled.safetensors", scaled)
+    with pytest.raises(OutputError, match="scaled-fp8"):
+        merge(tmp_path / "scaled.safetensors", [(lora, 1.0)], tmp_path / "o2.safetensors")
+    assert not (tmp_path / "o2.safetensors").exists()

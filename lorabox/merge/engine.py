@@ -26,8 +26,9 @@ from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude
 from .plan import Plan, make_plan
 
-DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-FLOATS = ("F64", "F32", "F16", "BF16")
+DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
+FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+FP8 = ("F8_E4M3", "F8_E5M2")
 BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
 PENDING = "?" * 64  # placeholder for the base digest, filled in once the shard has been read
 
@@ -48,9 +49,13 @@ class MergeReport:
         return self.__dict__.copy()
 
 
-def out_dtype(policy: str, dtype: str) -> str:
+def out_dtype(policy: str, dtype: str, ndim: int = 2) -> str:
+    """The output dtype of a base tensor. fp8 policies convert matrices and convolutions only; biases and
+    norms (1-D) keep their dtype, as ComfyUI's fp8 checkpoints do."""
     target = DTYPES[policy]
-    return dtype if target is None or dtype not in FLOATS else target
+    if target is None or dtype not in FLOATS or (target in FP8 and ndim < 2):
+        return dtype
+    return target
 
 
 def round_to(w: np.ndarray, dtype: str) -> Tensor:
@@ -74,7 +79,8 @@ def _sha256(path: Path) -> str:
 
 
 def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], output: str | os.PathLike, *,
-          dtype: str = "keep", block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False,
+          dtype: str = "keep", rounding: str = "stochastic", block_ratios: list[tuple[str, float]] = (),
+          drop_unknown: bool = False,
           arch: str | None = None, overwrite: bool = False,
           progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge LoRAs at their ratios into a base checkpoint, streaming, and write `output` atomically.
@@ -84,7 +90,10 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
             model folder (sharded safetensors with an index).
         loras: (path, ratio) pairs; any dialect lorabox reads.
         output: a file (or a folder, for a folder base); never an input.
-        dtype: keep | bf16 | fp16 | fp32 for the floating tensors of the output.
+        dtype: keep | bf16 | fp16 | fp32 | fp8_e4m3fn | fp8_e5m2 for the floating tensors of the output.
+        rounding: for fp8 outputs, how LoRA-patched weights are rounded: stochastic (unbiased, seeded from
+            CRC32 of the key name, so the same inputs give the same bytes) or nearest; untouched weights are
+            always rounded to nearest.
         block_ratios: (fnmatch pattern on canonical module names, ratio) pairs multiplying the LoRA ratios.
     Returns:
         A MergeReport.
@@ -98,10 +107,14 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     _check_output(output, inputs, base, overwrite)
     if dtype not in DTYPES:
         raise OutputError(f"unknown --dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
+    if rounding not in ("stochastic", "nearest"):
+        raise OutputError(f"unknown --rounding {rounding!r}.", hint="Use stochastic or nearest.")
+    _refuse_scaled_fp8(base)
     read = [(load_lora(p), float(r)) for p, r in loras]
     plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
     _check_space(base, output, dtype)
     record = {"lorabox": __version__, "architecture": plan.architecture, "layout": plan.layout, "dtype": dtype,
+              "rounding": rounding,
               "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
               "block_ratios": [[p, r] for p, r in block_ratios], "dropped": len(plan.dropped)}
     report = MergeReport(str(output), plan.architecture, plan.layout, record["loras"], dropped=plan.dropped)
@@ -118,7 +131,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
         try:
             for shard in base.shards:
-                report.bytes_written += _merge_shard(shard, plan, tmp_dir / shard.path.name, dtype, record, report, tick)
+                report.bytes_written += _merge_shard(shard, plan, tmp_dir / shard.path.name, dtype, rounding, record,
+                                                     report, tick)
             for extra in sorted(base.path.iterdir()):
                 if extra.is_file() and not extra.name.endswith(".safetensors"):
                     shutil.copy2(extra, tmp_dir / extra.name)
@@ -129,9 +143,22 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
     else:
-        report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, record, report, tick)
+        report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _refuse_scaled_fp8(base: BaseCheckpoint) -> None:
+    """Scaled fp8 weights mean W = q * scale: merging into q alone would be silently wrong. Refuse until the
+    scales are read and recomputed (issue 3)."""
+    from ..quant.fp8 import detect_scaled_fp8
+
+    for shard in base.shards:
+        info = detect_scaled_fp8({t.name: t.dtype for t in shard.tensors}, shard.metadata)
+        if info.layout:
+            raise OutputError(f"{shard.path}: is a ComfyUI scaled-fp8 checkpoint ({info.layout} layout); lorabox "
+                              f"cannot merge into scaled fp8 yet.",
+                              hint="Merge into the bf16/fp16 release and write --dtype fp8_e4m3fn instead.")
 
 
 def _check_output(output: Path, inputs: list[Path], base: BaseCheckpoint, overwrite: bool) -> None:
@@ -152,7 +179,8 @@ def _check_output(output: Path, inputs: list[Path], base: BaseCheckpoint, overwr
 def _check_space(base: BaseCheckpoint, output: Path, dtype: str) -> None:
     need = 0
     for info in base.tensors.values():
-        width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(out_dtype(dtype, info.dtype))
+        width = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}.get(
+            out_dtype(dtype, info.dtype, len(info.shape)))
         need += info.nbytes if width is None else info.nbytes // max(1, _width(info.dtype)) * width
     free = shutil.disk_usage(output.parent).free
     if need > free:
@@ -165,8 +193,9 @@ def _width(dtype: str) -> int:
     return storage_dtype(dtype).itemsize
 
 
-def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, record: dict, report: MergeReport, tick) -> int:
-    entries = [(t.name, out_dtype(dtype, t.dtype), t.shape) for t in shard.tensors]
+def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str, record: dict, report: MergeReport,
+                 tick) -> int:
+    entries = [(t.name, out_dtype(dtype, t.dtype, len(t.shape)), t.shape) for t in shard.tensors]
     rec = dict(record, base={"file": shard.path.name, "sha256": PENDING})
     metadata = dict(shard.metadata)
     metadata["lorabox.merge"] = json.dumps(rec, sort_keys=True)
@@ -174,7 +203,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, record: dict,
     fd = os.open(shard.path, os.O_RDONLY)
     try:
         with StreamWriter(path, entries, metadata) as writer:
-            _stream(shard, fd, hasher, plan, dtype, writer, report, tick)
+            _stream(shard, fd, hasher, plan, dtype, rounding, writer, report, tick)
             writer.fill(PENDING, hasher.hexdigest())
             size = writer.size
     finally:
@@ -205,7 +234,8 @@ def _read_in_order(shard: Shard, fd: int, hasher):
         hasher.update(os.pread(fd, tail, pos))
 
 
-def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, writer: StreamWriter, report: MergeReport, tick):
+def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str, writer: StreamWriter,
+            report: MergeReport, tick):
     reader = _read_in_order(shard, fd, hasher)
     with ThreadPoolExecutor(1) as read_pool, ThreadPoolExecutor(1) as write_pool:
         pending_read = read_pool.submit(next, reader, None)
@@ -216,7 +246,8 @@ def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, writer: Strea
                 break
             pending_read = read_pool.submit(next, reader, None)
             info, t = item
-            out = _process(info, t, plan.patches.get(info.name, []), out_dtype(dtype, info.dtype))
+            target = out_dtype(dtype, info.dtype, len(info.shape))
+            out = _process(info, t, plan.patches.get(info.name, []), target, rounding)
             report.tensors += 1
             report.merged += bool(plan.patches.get(info.name))
             if pending_write is not None:
@@ -231,7 +262,14 @@ def _write(writer: StreamWriter, info: TensorInfo, out: Tensor, tick) -> None:
     tick(info.nbytes)
 
 
-def _process(info: TensorInfo, t: Tensor, patches: list, dtype: str) -> Tensor:
+def _process(info: TensorInfo, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
+    if dtype in FP8:  # rounded once, as a whole tensor, so stochastic rounding depends only on (key, values)
+        from ..quant.fp8 import round_fp8, seed_for_key
+
+        f32 = t.values32() if not patches else _process(info, t, patches, "F32").array
+        stochastic = bool(patches) and rounding == "stochastic"
+        bits = round_fp8(f32, dtype, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None)
+        return Tensor(bits, dtype)
     if not patches:
         if dtype == t.dtype:
             return t

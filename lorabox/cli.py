@@ -16,6 +16,12 @@ from . import __version__
 def _fail(exc: BaseException) -> None:
     from .errors import LoraboxError
 
+    if isinstance(exc, BrokenPipeError):  # `lorabox inspect x | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+
     if isinstance(exc, LoraboxError):
         click.echo(f"lorabox: error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -82,8 +88,10 @@ def inspect_cmd(file, arch, as_json):
     click.echo(f"{info['file']}")
     size = f" ({info['size']})" if info["size"] != "unknown" else ""
     click.echo(f"  architecture  {info['architecture']}: {info['title']}{size}")
-    for note in info["size_notes"]:
+    for note in info["size_notes"][:2]:
         click.echo(f"                {note}")
+    if len(info["size_notes"]) > 2:
+        click.echo(f"                ... and more (--json lists them)")
     if info["metadata_says"] and info["metadata_says"] != info["architecture"]:
         click.echo(f"  WARNING       metadata says {info['metadata_says']}")
     click.echo(f"  dialect       {info['dialect']}")

@@ -126,7 +126,9 @@ def read_state_dict(sd: dict[str, Tensor], arch: Architecture, metadata: dict[st
         from .errors import NotALoraError
 
         raise NotALoraError(f"{source}: no LoRA tensors found.")
-    lora.dialect = ", ".join(name for name, _ in spellings.most_common())
+    names = [name for name, _ in spellings.most_common()]
+    # "kohya" of the text encoders is already said by "kohya (original names)" of the denoiser
+    lora.dialect = ", ".join(n for n in names if not any(m != n and m.startswith(n + " (") for m in names))
     return lora
 
 

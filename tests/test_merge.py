@@ -252,7 +252,7 @@ def test_fp8_stochastic_is_deterministic_and_unbiased(tmp_path):
     assert abs(err.mean()) < 6 * (step / 2).std() / np.sqrt(err.size) + 6 * step.mean() / np.sqrt(err.size)
 
 
-def test_fp8_base_keeps_its_type_and_scaled_fp8_is_refused(tmp_path):
+def test_fp8_base_keeps_its_type(tmp_path):
     rng = np.random.default_rng(14)
     base = {k: (Tensor(np.asarray(torch.from_numpy(v.values()).float().to(torch.float8_e4m3fn).view(torch.uint8)),
                        "F8_E4M3") if v.ndim == 2 else v) for k, v in flux_base(rng, "BF16").items()}
@@ -261,9 +261,69 @@ def test_fp8_base_keeps_its_type_and_scaled_fp8_is_refused(tmp_path):
     merge(tmp_path / "fp8.safetensors", [(lora, 1.0)], tmp_path / "o.safetensors", rounding="nearest")
     out, _ = read_tensors(tmp_path / "o.safetensors")
     assert all(out[k].dtype == base[k].dtype for k in base)
-    scaled = dict(base, **{"scaled_fp8": Tensor.zeros((0,), "F8_E4M3"),
-                          "double_blocks.0.img_attn.qkv.scale_weight": Tensor.scalar(0.5)})
-    write_tensors(tmp_path / "scaled.safetensors", scaled)
+
+
+def _scaled_base(rng, layout):
+    """A tiny Flux in ComfyUI's scaled fp8 (legacy: `scaled_fp8` marker + `.scale_weight`; comfy_quant:
+    `.comfy_quant` + `.weight_scale`), made with lorabox.quant.fp8 (its layouts are checked against ComfyUI)."""
+    from lorabox.quant.fp8 import quantize_scaled, scaled_fp8_marker, scaled_layer_tensors
+
+    out = {}
+    for key, t in flux_base(rng, "BF16").items():
+        if t.ndim == 2:
+            bits, scale = quantize_scaled(t.values32(), "F8_E4M3")
+            out.update(scaled_layer_tensors(key[: -len(".weight")], bits, "F8_E4M3", scale, layout=layout))
+        else:
+            out[key] = t
+    if layout == "legacy":
+        out["scaled_fp8"] = scaled_fp8_marker("F8_E4M3")
+    return out
+
+
+@pytest.mark.parametrize("layout", ["legacy", "comfy_quant"])
+def test_scaled_fp8_base_is_merged_with_recomputed_scales(tmp_path, layout):
+    from lorabox.quant.fp8 import decode_fp8, quantize_scaled
+
+    rng = np.random.default_rng(15)
+    base = _scaled_base(rng, layout)
+    scale_key = ".scale_weight" if layout == "legacy" else ".weight_scale"
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", every=3, alpha=4.0, text_encoders=False)
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, 0.7)], tmp_path / "o.safetensors", rounding="nearest")
+    out, _ = read_tensors(tmp_path / "o.safetensors")
+    assert out.keys() == base.keys()
+    deltas = effective_deltas(lora)
+    for key in [k for k in base if k.endswith(".weight") and base[k].dtype == "F8_E4M3"]:
+        layer = key[: -len(".weight")]
+        w = decode_fp8(base[key].array, "F8_E4M3").astype(np.float64) * float(base[layer + scale_key].values())
+        if ("unet", layer) not in deltas:
+            assert out[key].bits_equal(base[key]) and out[layer + scale_key].bits_equal(base[layer + scale_key])
+            continue
+        exact = (w + 0.7 * deltas[("unet", layer)]).astype(np.float32)  # float64, rounded once to float32
+        bits, scale = quantize_scaled(exact, "F8_E4M3")  # scale recomputed, as ComfyUI does after a LoRA
+        assert np.array_equal(out[key].array, bits), key
+        assert float(out[layer + scale_key].values()) == float(np.asarray(scale).reshape(-1)[0]), key
+    if layout == "legacy":
+        assert out["scaled_fp8"].bits_equal(base["scaled_fp8"])
+
+
+def test_scaled_fp8_base_dequantized_to_bf16_drops_the_scales(tmp_path):
+    from lorabox.quant.fp8 import decode_fp8
+
+    rng = np.random.default_rng(16)
+    base = _scaled_base(rng, "legacy")
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", every=3, alpha=4.0, text_encoders=False)
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "o.safetensors", dtype="bf16")
+    out, _ = read_tensors(tmp_path / "o.safetensors")
+    assert not any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in out)
+    deltas = effective_deltas(lora)
+    for (_, layer), delta in deltas.items():
+        key = layer + ".weight"
+        w = decode_fp8(base[key].array, "F8_E4M3").astype(np.float64) * float(base[layer + ".scale_weight"].values())
+        assert torch.equal(as_torch(out[key]), torch.from_numpy(w + delta).to(torch.bfloat16)), key
     with pytest.raises(OutputError, match="scaled-fp8"):
-        merge(tmp_path / "scaled.safetensors", [(lora, 1.0)], tmp_path / "o2.safetensors")
+        merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "o2.safetensors", dtype="fp8_e5m2")
     assert not (tmp_path / "o2.safetensors").exists()

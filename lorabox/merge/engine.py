@@ -109,7 +109,6 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         raise OutputError(f"unknown --dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
     if rounding not in ("stochastic", "nearest"):
         raise OutputError(f"unknown --rounding {rounding!r}.", hint="Use stochastic or nearest.")
-    _refuse_scaled_fp8(base)
     read = [(load_lora(p), float(r)) for p, r in loras]
     plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
     _check_space(base, output, dtype)
@@ -148,17 +147,56 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     return report
 
 
-def _refuse_scaled_fp8(base: BaseCheckpoint) -> None:
-    """Scaled fp8 weights mean W = q * scale: merging into q alone would be silently wrong. Refuse until the
-    scales are read and recomputed (issue 3)."""
+@dataclass
+class ScaledPlan:
+    """A shard's ComfyUI scaled-fp8 layers (W = q * scale) and what the merge does with them: `keep` merges
+    and re-quantizes with a recomputed scale (written right after its weight), `dequantize` writes W in the
+    output dtype and drops the scales and markers."""
+
+    mode: str | None  # None (no scaled layers), "keep" or "dequantize"
+    layers: dict = field(default_factory=dict)  # weight key -> ScaledLayer
+    scales: dict = field(default_factory=dict)  # scale key -> Tensor (read before streaming: they are tiny)
+    skip: set = field(default_factory=set)  # keys not written where they stand in the file
+
+
+def _scaled_plan(shard: Shard, dtype: str) -> ScaledPlan:
     from ..quant.fp8 import detect_scaled_fp8
 
-    for shard in base.shards:
-        info = detect_scaled_fp8({t.name: t.dtype for t in shard.tensors}, shard.metadata)
-        if info.layout:
-            raise OutputError(f"{shard.path}: is a ComfyUI scaled-fp8 checkpoint ({info.layout} layout); lorabox "
-                              f"cannot merge into scaled fp8 yet.",
-                              hint="Merge into the bf16/fp16 release and write --dtype fp8_e4m3fn instead.")
+    info = detect_scaled_fp8({t.name: (t.dtype, list(t.shape)) for t in shard.tensors}, shard.metadata)
+    if not info.layout:
+        return ScaledPlan(None)
+    if info.layout == "mixed" or DTYPES[dtype] in FP8:
+        raise OutputError(f"{shard.path}: a ComfyUI scaled-fp8 checkpoint ({info.layout} layout) can be merged "
+                          f"keeping its type (--dtype keep) or dequantized (--dtype bf16/fp16/fp32), not to {dtype}.")
+    layers = {f"{layer.name}.weight": layer for layer in info.layers.values()
+              if layer.scale_key and layer.weight_dtype in FP8}
+    by_name = {t.name: t for t in shard.tensors}
+    plan = ScaledPlan("keep" if dtype == "keep" else "dequantize", layers)
+    with open(shard.path, "rb") as f:
+        for layer in layers.values():
+            t = by_name[layer.scale_key]
+            f.seek(t.offset)
+            arr = np.frombuffer(f.read(t.nbytes), dtype=storage_dtype(t.dtype)).reshape(t.shape)
+            plan.scales[layer.scale_key] = Tensor(arr, t.dtype)
+    plan.skip = {layer.scale_key for layer in layers.values()}
+    if plan.mode == "dequantize":
+        plan.skip |= set(info.aux_keys) | set(info.markers)
+    return plan
+
+
+def _entries(shard: Shard, dtype: str, scaled: ScaledPlan) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The output tensors in write order: file order, minus skipped keys, each kept scale after its weight."""
+    by_name = {t.name: t for t in shard.tensors}
+    out = []
+    for t in shard.tensors:
+        if t.name in scaled.skip:
+            continue
+        out.append((t.name, out_dtype(dtype, t.dtype, len(t.shape)), t.shape))
+        layer = scaled.layers.get(t.name)
+        if layer is not None and scaled.mode == "keep":
+            s = by_name[layer.scale_key]
+            out.append((s.name, s.dtype, s.shape))
+    return out
 
 
 def _check_output(output: Path, inputs: list[Path], base: BaseCheckpoint, overwrite: bool) -> None:
@@ -195,15 +233,18 @@ def _width(dtype: str) -> int:
 
 def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str, record: dict, report: MergeReport,
                  tick) -> int:
-    entries = [(t.name, out_dtype(dtype, t.dtype, len(t.shape)), t.shape) for t in shard.tensors]
+    scaled = _scaled_plan(shard, dtype)
+    entries = _entries(shard, dtype, scaled)
     rec = dict(record, base={"file": shard.path.name, "sha256": PENDING})
     metadata = dict(shard.metadata)
+    if scaled.mode == "dequantize":
+        metadata.pop("_quantization_metadata", None)
     metadata["lorabox.merge"] = json.dumps(rec, sort_keys=True)
     hasher = hashlib.sha256()
     fd = os.open(shard.path, os.O_RDONLY)
     try:
         with StreamWriter(path, entries, metadata) as writer:
-            _stream(shard, fd, hasher, plan, dtype, rounding, writer, report, tick)
+            _stream(shard, fd, hasher, plan, dtype, rounding, scaled, writer, report, tick)
             writer.fill(PENDING, hasher.hexdigest())
             size = writer.size
     finally:
@@ -234,8 +275,8 @@ def _read_in_order(shard: Shard, fd: int, hasher):
         hasher.update(os.pread(fd, tail, pos))
 
 
-def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str, writer: StreamWriter,
-            report: MergeReport, tick):
+def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str, scaled: ScaledPlan,
+            writer: StreamWriter, report: MergeReport, tick):
     reader = _read_in_order(shard, fd, hasher)
     with ThreadPoolExecutor(1) as read_pool, ThreadPoolExecutor(1) as write_pool:
         pending_read = read_pool.submit(next, reader, None)
@@ -246,20 +287,48 @@ def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str
                 break
             pending_read = read_pool.submit(next, reader, None)
             info, t = item
+            if info.name in scaled.skip:
+                tick(info.nbytes)
+                continue
+            patches = plan.patches.get(info.name, [])
             target = out_dtype(dtype, info.dtype, len(info.shape))
-            out = _process(info, t, plan.patches.get(info.name, []), target, rounding)
+            layer = scaled.layers.get(info.name)
+            if layer is not None:
+                outs = _process_scaled(info, t, patches, layer, scaled, target, rounding)
+            else:
+                outs = [(info.name, _process(info, t, patches, target, rounding))]
             report.tensors += 1
-            report.merged += bool(plan.patches.get(info.name))
+            report.merged += bool(patches)
             if pending_write is not None:
                 pending_write.result()
-            pending_write = write_pool.submit(_write, writer, info, out, tick)
+            pending_write = write_pool.submit(_write, writer, outs, info.nbytes, tick)
         if pending_write is not None:
             pending_write.result()
 
 
-def _write(writer: StreamWriter, info: TensorInfo, out: Tensor, tick) -> None:
-    writer.write(info.name, out)
-    tick(info.nbytes)
+def _process_scaled(info: TensorInfo, q: Tensor, patches: list, layer, scaled: ScaledPlan, target: str,
+                    rounding: str) -> list[tuple[str, Tensor]]:
+    """W = q * scale (exact in float64), patched; then re-quantized with a recomputed scale, or written as W."""
+    from ..quant.fp8 import quantize_scaled, seed_for_key
+
+    old = scaled.scales[layer.scale_key]
+    if not patches and scaled.mode == "keep":
+        return [(info.name, q), (layer.scale_key, old)]
+    w = Tensor(q.values() * float(old.values().reshape(-1)[0]), "F64")
+    merged = _process(info, w, patches, "F32") if patches else Tensor(w.array.astype(np.float32), "F32")
+    if scaled.mode == "dequantize":
+        return [(info.name, Tensor.from_values(merged.array, target) if target != "F32" else merged)]
+    stochastic = rounding == "stochastic"
+    bits, scale = quantize_scaled(merged.array, q.dtype, stochastic=stochastic,
+                                  seed=seed_for_key(info.name) if stochastic else None)
+    new_scale = Tensor.from_values(np.full(old.shape, float(np.asarray(scale).reshape(-1)[0])), old.dtype)
+    return [(info.name, Tensor(bits.reshape(q.shape), q.dtype)), (layer.scale_key, new_scale)]
+
+
+def _write(writer: StreamWriter, outs: list[tuple[str, Tensor]], nbytes: int, tick) -> None:
+    for name, out in outs:
+        writer.write(name, out)
+    tick(nbytes)
 
 
 def _process(info: TensorInfo, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:

@@ -100,13 +100,16 @@ def open_gguf(path: str | os.PathLike) -> GGUFBase:
     size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
+    if len(magic) < 4:
+        raise InputFileError(f"{path}: is {size} bytes, too short to be a GGUF file.", hint="Download it again.")
     if magic != b"GGUF":
         raise InputFileError(f"{path}: not a GGUF file (it does not start with 'GGUF').")
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as exc:  # gguf-py raises ValueError/IndexError/... on a cut or corrupt header
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputFileError(f"{path}: truncated or corrupt GGUF file ({msg}).", hint="Download it again.") from None
+        raise InputFileError(f"{path}: truncated or corrupt GGUF file ({size} bytes; gguf-py: {msg})",
+                             hint="Download it again.") from None
 
     base = GGUFBase(path, reader)
     orig: dict[str, tuple[int, ...]] = {}
@@ -264,7 +267,8 @@ class GGUFStreamWriter:
                 raise OutputError(f"tensor name {name!r} is longer than {MAX_TENSOR_NAME_LENGTH} bytes, "
                                   f"which GGUF loaders refuse.")
             if len(stored) > MAX_TENSOR_DIMS or not stored:
-                raise OutputError(f"tensor {name!r}: GGUF stores 1 to {MAX_TENSOR_DIMS} dimensions, got {list(stored)}.")
+                raise OutputError(f"tensor {name!r}: GGUF stores 1 to {MAX_TENSOR_DIMS} dimensions, "
+                                  f"got {list(stored)}.")
             if int(np.prod(stored, dtype=np.int64)) != int(np.prod(shape, dtype=np.int64)):
                 raise ValueError(f"tensor {name!r}: stored shape {list(stored)} does not hold shape {list(shape)}")
             nbytes = tensor_nbytes(qtype, stored)
@@ -287,13 +291,14 @@ class GGUFStreamWriter:
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append the next tensor: uint8 block data for quantized types; float32 for F32; float16 (or uint16
-        bits) for F16; uint16 bits for BF16. Any shape with the right byte count."""
+        bits) for F16; uint16 bits for BF16; or, for any type, the raw uint8 bytes (`GGUFBase.read_raw`, copied
+        through). Any shape with the right byte count."""
         if self._next >= len(self._expect):
             raise ValueError(f"gguf stream writer: all {len(self._expect)} tensors are written, got {name}")
         want, qtype, stored, nbytes = self._expect[self._next]
         data = np.ascontiguousarray(data)
         ok_dtype = {"F32": (np.float32, np.uint32), "F16": (np.float16, np.uint16), "BF16": (np.uint16,)}.get(
-            qtype, (np.uint8,))
+            qtype, ()) + (np.uint8,)
         if name != want or data.dtype not in [np.dtype(d) for d in ok_dtype] or data.nbytes != nbytes:
             raise ValueError(f"gguf stream writer: expected {want} {qtype} {list(stored)} ({nbytes} bytes), got "
                              f"{name} {data.dtype} {list(data.shape)} ({data.nbytes} bytes)")
@@ -326,7 +331,11 @@ class GGUFStreamWriter:
 
     def __exit__(self, kind, exc, tb):
         if kind is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
         return False

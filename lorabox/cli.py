@@ -91,7 +91,7 @@ def inspect_cmd(file, arch, as_json):
     for note in info["size_notes"][:2]:
         click.echo(f"                {note}")
     if len(info["size_notes"]) > 2:
-        click.echo(f"                ... and more (--json lists them)")
+        click.echo("                ... and more (--json lists them)")
     if info["metadata_says"] and info["metadata_says"] != info["architecture"]:
         click.echo(f"  WARNING       metadata says {info['metadata_says']}")
     click.echo(f"  dialect       {info['dialect']}")
@@ -183,6 +183,8 @@ def _block_ratio(value: str) -> tuple[str, float]:
 @click.option("-o", "--output", type=click.Path(), required=True, help="Output file (a folder for a folder base).")
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]), default="keep",
               show_default=True, help="Dtype of the output's floating tensors (fp8: matrices only).")
+@click.option("--quant", type=click.Choice(["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]),
+              default=None, help="Write GGUF of this type (ComfyUI-GGUF's conventions). A GGUF base stays GGUF.")
 @click.option("--rounding", type=click.Choice(["stochastic", "nearest"]), default="stochastic", show_default=True,
               help="fp8 rounding of LoRA-patched weights (stochastic keeps weak LoRAs; seeded per key).")
 @click.option("--block-ratio", "block_ratios", multiple=True, metavar="PATTERN=R",
@@ -191,15 +193,16 @@ def _block_ratio(value: str) -> tuple[str, float]:
 @click.option("--drop-unknown", is_flag=True, help="Merge without adapters that land on no base weight, and report them.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @json_option
-def merge_cmd(base, loras, ratio, output, dtype, rounding, block_ratios, arch, drop_unknown, overwrite, as_json):
+def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, arch, drop_unknown, overwrite, as_json):
     """Merge LoRAs into a base checkpoint, streaming tensor by tensor in bounded memory.
 
-    BASE is a .safetensors checkpoint (SD1.5/SDXL single file, BFL or ComfyUI-packaged FLUX.1) or a diffusers
-    model folder. Deltas are computed in float64 and rounded once.
+    BASE is a .safetensors checkpoint (SD1.5/SDXL single file, BFL or ComfyUI-packaged FLUX.1), a diffusers
+    model folder, or a GGUF file. Deltas are computed in float64 and rounded once.
 
     \b
     Example:
       lorabox merge flux1-dev.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.3 -o merged.safetensors
+      lorabox merge flux1-dev.safetensors --lora style.safetensors --quant Q8_0 -o flux1-dev-style-Q8_0.gguf
     """
     from tqdm import tqdm
 
@@ -212,7 +215,7 @@ def merge_cmd(base, loras, ratio, output, dtype, rounding, block_ratios, arch, d
             bar.total = total
             bar.update(done - bar.n)
 
-        report = merge(base, specs, output, dtype=dtype, rounding=rounding, block_ratios=patterns,
+        report = merge(base, specs, output, dtype=dtype, rounding=rounding, quant=quant, block_ratios=patterns,
                        drop_unknown=drop_unknown,
                        arch=arch, overwrite=overwrite, progress=progress)
     if as_json:

@@ -79,8 +79,8 @@ def _sha256(path: Path) -> str:
 
 
 def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], output: str | os.PathLike, *,
-          dtype: str = "keep", rounding: str = "stochastic", block_ratios: list[tuple[str, float]] = (),
-          drop_unknown: bool = False,
+          dtype: str = "keep", rounding: str = "stochastic", quant: str | None = None,
+          block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False,
           arch: str | None = None, overwrite: bool = False,
           progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge LoRAs at their ratios into a base checkpoint, streaming, and write `output` atomically.
@@ -94,6 +94,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         rounding: for fp8 outputs, how LoRA-patched weights are rounded: stochastic (unbiased, seeded from
             CRC32 of the key name, so the same inputs give the same bytes) or nearest; untouched weights are
             always rounded to nearest.
+        quant: write GGUF of this type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) from a safetensors base,
+            with ComfyUI-GGUF's rules for what stays F32/F16/BF16. A GGUF base is written as GGUF keeping its types.
         block_ratios: (fnmatch pattern on canonical module names, ratio) pairs multiplying the LoRA ratios.
     Returns:
         A MergeReport.
@@ -101,23 +103,25 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         >>> merge("flux1-dev.safetensors", [("style.safetensors", 0.8)], "flux1-dev-style.safetensors")
     """
     started = time.perf_counter()
-    base = open_base(base_path)
+    from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
+
+    gguf_base = is_gguf(Path(base_path))
+    base = None if gguf_base else open_base(base_path)
     output = Path(output)
     inputs = [Path(base_path), *[Path(p) for p, _ in loras]]
     _check_output(output, inputs, base, overwrite)
+    if gguf_base and (dtype != "keep" or quant):
+        raise OutputError(f"{base_path}: a GGUF base is merged keeping its types.", hint="Drop --dtype/--quant.")
     if dtype not in DTYPES:
         raise OutputError(f"unknown --dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
     if rounding not in ("stochastic", "nearest"):
         raise OutputError(f"unknown --rounding {rounding!r}.", hint="Use stochastic or nearest.")
     read = [(load_lora(p), float(r)) for p, r in loras]
-    plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
-    _check_space(base, output, dtype)
-    record = {"lorabox": __version__, "architecture": plan.architecture, "layout": plan.layout, "dtype": dtype,
-              "rounding": rounding,
+    record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding,
               "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
-              "block_ratios": [[p, r] for p, r in block_ratios], "dropped": len(plan.dropped)}
-    report = MergeReport(str(output), plan.architecture, plan.layout, record["loras"], dropped=plan.dropped)
-    total = base.nbytes
+              "block_ratios": [[p, r] for p, r in block_ratios]}
+    report = MergeReport(str(output), "", "", record["loras"])
+    total = Path(base_path).stat().st_size if base is None else base.nbytes
     done = 0
 
     def tick(n):
@@ -126,6 +130,20 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         if progress:
             progress(done, total)
 
+    if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
+        record["base"] = {"file": Path(base_path).name, "sha256": _sha256(Path(base_path))}
+        kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
+                      report=report, tick=tick, process=_process)
+        if gguf_base:
+            report.bytes_written = merge_gguf_base(Path(base_path), read, output, **kwargs)
+        else:
+            report.bytes_written = merge_to_gguf(Path(base_path), read, output, quant, **kwargs)
+        report.seconds = time.perf_counter() - started
+        return report
+    plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
+    record.update(architecture=plan.architecture, layout=plan.layout, dropped=len(plan.dropped))
+    report.architecture, report.layout, report.dropped = plan.architecture, plan.layout, plan.dropped
+    _check_space(base, output, dtype)
     if base.folder:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
         try:
@@ -204,9 +222,9 @@ def _check_output(output: Path, inputs: list[Path], base: BaseCheckpoint, overwr
         if same_file(output, src) or (src.is_dir() and output.resolve().is_relative_to(src.resolve())):
             raise OutputError(f"{output}: is (inside) an input; lorabox never overwrites its inputs.",
                               hint="Choose another output path with -o.")
-    if base.folder and output.exists() and not output.is_dir():
+    if base is not None and base.folder and output.exists() and not output.is_dir():
         raise OutputError(f"{output}: the base is a folder, so the output must be a folder too.")
-    if not base.folder and output.is_dir():
+    if (base is None or not base.folder) and output.is_dir():
         raise OutputError(f"{output}: is a directory.", hint="Give a file name.")
     if output.exists() and not overwrite:
         raise OutputError(f"{output}: already exists.", hint="Pass --overwrite or choose another path with -o.")

@@ -23,6 +23,7 @@ from ..errors import InputFileError, OutputError
 from ..io.safetensors import StreamWriter, same_file
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
+from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
 from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude
 from .plan import Plan, make_plan
 
@@ -103,8 +104,6 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         >>> merge("flux1-dev.safetensors", [("style.safetensors", 0.8)], "flux1-dev-style.safetensors")
     """
     started = time.perf_counter()
-    from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
-
     gguf_base = is_gguf(Path(base_path))
     base = None if gguf_base else open_base(base_path)
     output = Path(output)

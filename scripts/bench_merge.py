@@ -8,6 +8,10 @@ plain copy (`cp`) of the same file in the same run.
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench   # needs ~50 GB free
+    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + diffusers' fuse_lora, same folder base
+
+With --peer (SDXL), the base is also written as a diffusers UNet folder and both lorabox and diffusers
+(scripts/peer_diffusers_merge.py: load_lora_weights, fuse_lora, save_pretrained) merge the same LoRA into it.
 """
 from __future__ import annotations
 
@@ -90,6 +94,23 @@ def write_lora(path: Path, modules, rank: int) -> None:
     write_tensors(path, t)
 
 
+def write_diffusers_folder(folder: Path) -> None:
+    """The SDXL base as a diffusers UNet folder (config + diffusion_pytorch_model.safetensors, diffusers names)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**SDXL)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal(1 << 22).astype(np.float32) * 0.02
+    entries = [(k, "F16", tuple(v.shape)) for k, v in model.state_dict().items()]
+    with StreamWriter(folder / "diffusion_pytorch_model.safetensors", entries, {"format": "pt"}) as w:
+        for k, dt, shape in entries:
+            w.write(k, Tensor(np.resize(block, int(np.prod(shape))).reshape(shape).astype(np.float16), dt))
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS GiB) of a command, from GNU time."""
     t = time.perf_counter()
@@ -105,6 +126,7 @@ def main():
     ap.add_argument("--model", choices=["sdxl", "flux1"], default="sdxl")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--dir", default="/tmp/lorabox-bench")
+    ap.add_argument("--peer", action="store_true", help="also run diffusers' merge (SDXL only)")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -125,6 +147,15 @@ def main():
                         "--overwrite", "--json"])
     print(f"lorabox merge: {t_merge:.1f} s, peak RSS {rss:.2f} GiB, ratio to copy {t_merge / t_copy:.2f}")
     out.unlink()
+    if args.peer and args.model == "sdxl":
+        folder = d / "unet"
+        write_diffusers_folder(folder)
+        t_lb, rss_lb = run([sys.executable, "-m", "lorabox", "merge", str(folder), "--lora", f"{lora}:0.8",
+                            "-o", str(d / "merged_lorabox"), "--overwrite", "--json"])
+        t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / "peer_diffusers_merge.py"), str(folder),
+                                str(lora), "0.8", str(d / "merged_diffusers")])
+        print(f"diffusers UNet folder: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), diffusers load+fuse_lora+save "
+              f"{t_peer:.1f} s ({rss_peer:.2f} GiB): ratio lorabox/diffusers {t_lb / t_peer:.2f}")
     if os.environ.get("KEEP") != "1":
         shutil.rmtree(d)
 

@@ -18,7 +18,6 @@ Only `gguf` (the package, imported lazily) and numpy; no torch.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputFileError, OutputError
+from .files import commit, discard, temporary_beside
 
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -279,8 +279,7 @@ class GGUFStreamWriter:
             self._expect.append((name, qtype, stored, nbytes))
         self._writer = w
         self._next = 0
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        os.close(fd)
+        self._tmp = temporary_beside(self.path)
         try:
             w.write_header_to_file(path=Path(self._tmp))
             w.write_kv_data_to_file()
@@ -312,19 +311,13 @@ class GGUFStreamWriter:
         fout.flush()
         os.fsync(fout.fileno())
         self._writer.close()
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(self._tmp, 0o666 & ~mask)
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
 
     def abort(self) -> None:
         try:
             self._writer.close() if hasattr(self, "_writer") else None
         finally:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
+            discard(self._tmp)
 
     def __enter__(self):
         return self

@@ -9,12 +9,12 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputFileError, OutputError
+from .files import commit, discard, temporary_beside
 from ..tensor import Tensor, storage_dtype
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -115,12 +115,6 @@ def check_output(out: str | os.PathLike, inputs: list, *, overwrite: bool = Fals
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None, *,
                   durable: bool = True) -> None:
     """Write a safetensors file atomically: a temporary file in the same folder, then rename.
@@ -139,9 +133,9 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata:
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for t in tensors.values():
@@ -149,13 +143,9 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata:
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode `open` would
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        discard(tmp)
         raise
 
 
@@ -185,8 +175,8 @@ class StreamWriter:
         raw += b" " * (-len(raw) % 8)
         self._header = raw
         self.size = 8 + len(raw) + offset
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        self._f = os.fdopen(fd, "wb")
+        self._tmp = temporary_beside(self.path)
+        self._f = open(self._tmp, "wb")
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
@@ -214,17 +204,13 @@ class StreamWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.chmod(self._tmp, 0o666 & ~_umask())
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
 
     def abort(self) -> None:
         try:
             self._f.close()
         finally:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
+            discard(self._tmp)
 
     def __enter__(self):
         return self

@@ -19,7 +19,8 @@ import numpy as np
 
 from .. import __version__
 from ..conversion import load_lora
-from ..errors import InputFileError, OutputError
+from ..errors import OutputError
+from ..io.files import pread_exact
 from ..io.safetensors import StreamWriter, same_file
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
@@ -273,18 +274,9 @@ def _read_in_order(shard: Shard, fd: int, hasher):
     """A generator of (info, Tensor) in file order that also hashes every byte of the file."""
     pos = 0
     for info in shard.tensors:
-        start = pos
-        buf = bytearray(info.offset + info.nbytes - start)
-        view = memoryview(buf)
-        got = 0
-        while got < len(buf):
-            n = os.preadv(fd, [view[got:]], start + got)
-            if n == 0:
-                raise InputFileError(f"{shard.path}: ends inside tensor {info.name!r}: truncated.")
-            got += n
-        hasher.update(view)
+        buf = pread_exact(fd, info.offset + info.nbytes - pos, pos, path=shard.path, what=f"tensor {info.name!r}")
+        hasher.update(buf)
         pos = info.offset + info.nbytes
-
         arr = np.frombuffer(buf, dtype=storage_dtype(info.dtype), offset=len(buf) - info.nbytes).reshape(info.shape)
         yield info, Tensor(arr, info.dtype)
     tail = os.fstat(fd).st_size - pos

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..errors import InputFileError, OutputError, UnknownArchitecture
+from ..errors import OutputError, UnknownArchitecture
+from ..io.files import pread_exact
 from ..io.gguf import GGUFStreamWriter, encode, open_gguf, plan_qtypes
 from ..tensor import Tensor, storage_dtype
 from .base import open_base
@@ -94,12 +95,5 @@ def merge_to_gguf(base_path: Path, loras, output: Path, qtype: str, *, arch, blo
 
 
 def _pread(fd: int, info) -> Tensor:
-    buf = bytearray(info.nbytes)
-    view, got = memoryview(buf), 0
-    while got < info.nbytes:
-        n = os.preadv(fd, [view[got:]], info.offset + got)
-        if n == 0:
-            raise InputFileError(f"{info.file}: ends inside tensor {info.name!r}: truncated.")
-        got += n
+    buf = pread_exact(fd, info.nbytes, info.offset, path=info.file, what=f"tensor {info.name!r}")
     return Tensor(np.frombuffer(buf, dtype=storage_dtype(info.dtype)).reshape(info.shape), info.dtype)
-

@@ -1,0 +1,43 @@
+"""File helpers every reader and writer shares: atomic outputs (a temporary file beside the target, renamed
+when complete, removed otherwise) and exact positional reads."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import InputFileError
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty file in `path`'s folder, named `.<name>.*.partial` (same filesystem, so the rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Give the finished temporary file the mode `open` would have (mkstemp makes 0600) and move it in place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
+def discard(tmp: Path) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def pread_exact(fd: int, nbytes: int, offset: int, *, path, what: str) -> bytearray:
+    """Exactly `nbytes` from `offset`, or an InputFileError naming the file and what was being read."""
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise InputFileError(f"{path}: ends inside {what}: truncated.", hint="Download it again.")
+        got += n
+    return buf

@@ -210,14 +210,20 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
 
     specs = [_lora_spec(v, ratio) for v in loras]
     patterns = [_block_ratio(v) for v in block_ratios]
-    with tqdm(total=0, unit="B", unit_scale=True, desc="merge", disable=as_json, leave=False) as bar:
-        def progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
+    bar = None
 
+    def progress(done, total):  # the bar appears once streaming starts, not before the inputs are checked
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=as_json, leave=False)
+        bar.update(done - bar.n)
+
+    try:
         report = merge(base, specs, output, dtype=dtype, rounding=rounding, quant=quant, block_ratios=patterns,
-                       drop_unknown=drop_unknown,
-                       arch=arch, overwrite=overwrite, progress=progress)
+                       drop_unknown=drop_unknown, arch=arch, overwrite=overwrite, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return

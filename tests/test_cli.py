@@ -199,3 +199,12 @@ def test_lora_of_an_unknown_architecture_says_what_it_looked_like(tmp_path):
                         "diffusion_model.blocks.0.self_attn.q.lora_B.weight": Tensor.zeros((8, 4), "BF16")})
     proc = run("inspect", src)
     assert_one_line_error(proc, "2 of 2 keys are spelled like LoRA tensors", "no key map", "no table for yet")
+
+
+def test_stream_writer_failing_close_leaves_no_partial_file(tmp_path):
+    from lorabox.io.safetensors import StreamWriter
+
+    with pytest.raises(ValueError, match="never written"):
+        with StreamWriter(tmp_path / "o.safetensors", [("a", "F32", (1,)), ("b", "F32", (1,))]) as w:
+            w.write("a", Tensor.zeros((1,), "F32"))
+    assert list(tmp_path.iterdir()) == []

@@ -41,3 +41,48 @@ def pread_exact(fd: int, nbytes: int, offset: int, *, path, what: str) -> bytear
             raise InputFileError(f"{path}: ends inside {what}: truncated.", hint="Download it again.")
         got += n
     return buf
+
+
+class AtomicWriter:
+    """A streaming writer whose output appears only complete. Subclasses write to `self._tmp`, count written
+    tensors in `self._next` against `self._expect`, and implement `_finish()` (flush, fsync, close handles)
+    and `_release()` (close handles). `close()` commits; `abort()`, or any exception in the `with` block or
+    in `close()` itself, removes the temporary file."""
+
+    path: Path
+    _tmp: Path
+    _expect: list
+    _next: int = 0
+    what = "stream writer"
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._next != len(self._expect):
+            raise ValueError(f"{self.what}: {len(self._expect) - self._next} tensors were never written")
+        self._finish()
+        commit(self._tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._release()
+        finally:
+            discard(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            try:
+                self.close()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+        return False

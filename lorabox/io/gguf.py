@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputFileError, OutputError
-from .files import commit, discard, temporary_beside
+from .files import AtomicWriter, temporary_beside
 
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -218,7 +218,7 @@ def _infer_kv_type(value: Any) -> tuple[str, str | None]:
     raise ValueError(f"cannot store a {type(value).__name__} in GGUF metadata")
 
 
-class GGUFStreamWriter:
+class GGUFStreamWriter(AtomicWriter):
     """Write a GGUF file tensor by tensor: header, metadata and tensor infos first (from names, types and shapes
     known in advance), then each tensor's data in order, so memory does not grow with the file. Atomic: a
     temporary file in the target folder, renamed on `close()`; any exception (an interrupt, a full disk) in the
@@ -232,6 +232,8 @@ class GGUFStreamWriter:
         types of a base file's metadata; otherwise inferred (int -> UINT32/INT64, float -> FLOAT32, int list ->
         INT32 array).
     """
+
+    what = "gguf stream writer"
 
     def __init__(self, path: str | os.PathLike, architecture: str,
                  tensors: list[tuple], kv: dict[str, Any] | None = None,
@@ -304,34 +306,15 @@ class GGUFStreamWriter:
         self._writer.write_tensor_data(data.reshape(-1))
         self._next += 1
 
-    def close(self) -> None:
-        if self._next != len(self._expect):
-            raise ValueError(f"gguf stream writer: {len(self._expect) - self._next} tensors were never written")
+    def _finish(self) -> None:
         fout = self._writer.fout[0]
         fout.flush()
         os.fsync(fout.fileno())
         self._writer.close()
-        commit(self._tmp, self.path)
 
-    def abort(self) -> None:
-        try:
-            self._writer.close() if hasattr(self, "_writer") else None
-        finally:
-            discard(self._tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is None:
-            try:
-                self.close()
-            except BaseException:
-                self.abort()
-                raise
-        else:
-            self.abort()
-        return False
+    def _release(self) -> None:
+        if hasattr(self, "_writer"):
+            self._writer.close()
 
 
 # -------------------------------------------------------------------------------------------- type selection

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, OutputError
-from .files import commit, discard, temporary_beside
+from .files import AtomicWriter, commit, discard, temporary_beside
 from ..tensor import Tensor, storage_dtype
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -149,7 +149,7 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata:
         raise
 
 
-class StreamWriter:
+class StreamWriter(AtomicWriter):
     """Write a safetensors file tensor by tensor: the header is laid out from shapes and dtypes known in advance,
     then each tensor is appended in order, so memory does not grow with the file. Atomic: a temporary file in the
     target folder, renamed on `close()`; any exception (an interrupt, a full disk) removes it.
@@ -198,26 +198,10 @@ class StreamWriter:
         self._f.write(value.encode())
         self._f.seek(0, os.SEEK_END)
 
-    def close(self) -> None:
-        if self._next != len(self._expect):
-            raise ValueError(f"stream writer: {len(self._expect) - self._next} tensors were never written")
+    def _finish(self) -> None:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        commit(self._tmp, self.path)
 
-    def abort(self) -> None:
-        try:
-            self._f.close()
-        finally:
-            discard(self._tmp)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
-        return False
+    def _release(self) -> None:
+        self._f.close()

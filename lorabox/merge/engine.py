@@ -64,12 +64,7 @@ def round_to(w: np.ndarray, dtype: str) -> Tensor:
     """float64 -> dtype the way torch's `.to(dtype)` does it (through float32, round-to-nearest-even)."""
     if dtype == "F64":
         return Tensor(w, "F64")
-    f32 = w.astype(np.float32)
-    if dtype == "F32":
-        return Tensor(f32, "F32")
-    if dtype == "F16":
-        return Tensor(f32.astype(np.float16), "F16")
-    return Tensor.from_values(f32, dtype)
+    return Tensor(from_float32(w.astype(np.float32), dtype), dtype)
 
 
 def _sha256(path: Path) -> str:

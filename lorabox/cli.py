@@ -189,11 +189,14 @@ def _block_ratio(value: str) -> tuple[str, float]:
               help="fp8 rounding of LoRA-patched weights (stochastic keeps weak LoRAs; seeded per key).")
 @click.option("--block-ratio", "block_ratios", multiple=True, metavar="PATTERN=R",
               help="Multiply the ratio on canonical modules matching PATTERN (fnmatch), e.g. 'double_blocks.1*=0.5'.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where deltas are computed: auto takes a CUDA GPU when torch sees one. Same bytes on every device.")
 @arch_option
 @click.option("--drop-unknown", is_flag=True, help="Merge without adapters that land on no base weight, and report them.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @json_option
-def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, arch, drop_unknown, overwrite, as_json):
+def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, device, arch, drop_unknown, overwrite,
+              as_json):
     """Merge LoRAs into a base checkpoint, streaming tensor by tensor in bounded memory.
 
     BASE is a .safetensors checkpoint (SD1.5/SDXL single file, BFL or ComfyUI-packaged FLUX.1), a diffusers
@@ -220,7 +223,7 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
 
     try:
         report = merge(base, specs, output, dtype=dtype, rounding=rounding, quant=quant, block_ratios=patterns,
-                       drop_unknown=drop_unknown, arch=arch, overwrite=overwrite, progress=progress)
+                       drop_unknown=drop_unknown, arch=arch, overwrite=overwrite, device=device, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -228,7 +231,7 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
         click.echo(json.dumps(report.as_dict(), indent=2))
         return
     click.echo(f"{base} ({report.architecture}, {report.layout} layout) + {len(specs)} LoRA(s) -> {report.output}: "
-               f"{report.merged} of {report.tensors} tensors changed, {report.seconds:.1f} s")
+               f"{report.merged} of {report.tensors} tensors changed on {report.device}, {report.seconds:.1f} s")
     if report.dropped:
         click.echo(f"dropped {len(report.dropped)} adapter(s) that land nowhere: {', '.join(report.dropped[:10])}",
                    err=True)

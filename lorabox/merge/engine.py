@@ -25,13 +25,11 @@ from ..io.safetensors import StreamWriter, same_file
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
-from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude
+from .compute import FP8, make_compute
 from .plan import Plan, make_plan
 
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-FP8 = ("F8_E4M3", "F8_E5M2")
-BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
 PENDING = "?" * 64  # placeholder for the base digest, filled in once the shard has been read
 
 
@@ -41,6 +39,7 @@ class MergeReport:
     architecture: str
     layout: str
     loras: list[dict]
+    device: str = "cpu"
     tensors: int = 0
     merged: int = 0
     dropped: list[str] = field(default_factory=list)
@@ -60,13 +59,6 @@ def out_dtype(policy: str, dtype: str, ndim: int = 2) -> str:
     return target
 
 
-def round_to(w: np.ndarray, dtype: str) -> Tensor:
-    """float64 -> dtype the way torch's `.to(dtype)` does it (through float32, round-to-nearest-even)."""
-    if dtype == "F64":
-        return Tensor(w, "F64")
-    return Tensor(from_float32(w.astype(np.float32), dtype), dtype)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -78,7 +70,7 @@ def _sha256(path: Path) -> str:
 def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], output: str | os.PathLike, *,
           dtype: str = "keep", rounding: str = "stochastic", quant: str | None = None,
           block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False,
-          arch: str | None = None, overwrite: bool = False,
+          arch: str | None = None, overwrite: bool = False, device: str = "auto", compute=None,
           progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge LoRAs at their ratios into a base checkpoint, streaming, and write `output` atomically.
 
@@ -94,6 +86,9 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         quant: write GGUF of this type (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) from a safetensors base,
             with ComfyUI-GGUF's rules for what stays F32/F16/BF16. A GGUF base is written as GGUF keeping its types.
         block_ratios: (fnmatch pattern on canonical module names, ratio) pairs multiplying the LoRA ratios.
+        device: auto | cpu | cuda[:N]: where the deltas are computed (the bytes are the same on every device).
+        compute: a compute object (`lorabox.merge.compute`), overriding `device` (tests run the GPU code on
+            torch's CPU device this way).
     Returns:
         A MergeReport.
     Example:
@@ -111,11 +106,12 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         raise OutputError(f"unknown --dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
     if rounding not in ("stochastic", "nearest"):
         raise OutputError(f"unknown --rounding {rounding!r}.", hint="Use stochastic or nearest.")
+    compute = compute or make_compute(device)
     read = [(load_lora(p), float(r)) for p, r in loras]
     record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding,
               "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
               "block_ratios": [[p, r] for p, r in block_ratios]}
-    report = MergeReport(str(output), "", "", record["loras"])
+    report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
     total = Path(base_path).stat().st_size if base is None else base.nbytes
     done = 0
 
@@ -128,7 +124,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
         record["base"] = {"file": Path(base_path).name, "sha256": _sha256(Path(base_path))}
         kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
-                      report=report, tick=tick, process=_process)
+                      report=report, tick=tick, process=compute.process)
         if gguf_base:
             report.bytes_written = merge_gguf_base(Path(base_path), read, output, **kwargs)
         else:
@@ -144,7 +140,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         try:
             for shard in base.shards:
                 report.bytes_written += _merge_shard(shard, plan, tmp_dir / shard.path.name, dtype, rounding, record,
-                                                     report, tick)
+                                                     report, tick, compute)
             for extra in sorted(base.path.iterdir()):
                 if extra.is_file() and not extra.name.endswith(".safetensors"):
                     shutil.copy2(extra, tmp_dir / extra.name)
@@ -155,7 +151,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
     else:
-        report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick)
+        report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick,
+                                           compute)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -245,7 +242,7 @@ def _width(dtype: str) -> int:
 
 
 def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str, record: dict, report: MergeReport,
-                 tick) -> int:
+                 tick, compute) -> int:
     scaled = _scaled_plan(shard, dtype)
     entries = _entries(shard, dtype, scaled)
     rec = dict(record, base={"file": shard.path.name, "sha256": PENDING})
@@ -257,7 +254,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
     fd = os.open(shard.path, os.O_RDONLY)
     try:
         with StreamWriter(path, entries, metadata) as writer:
-            _stream(shard, fd, hasher, plan, dtype, rounding, scaled, writer, report, tick)
+            _stream(shard, fd, hasher, plan, dtype, rounding, scaled, writer, report, tick, compute)
             writer.fill(PENDING, hasher.hexdigest())
             size = writer.size
     finally:
@@ -280,7 +277,7 @@ def _read_in_order(shard: Shard, fd: int, hasher):
 
 
 def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str, scaled: ScaledPlan,
-            writer: StreamWriter, report: MergeReport, tick):
+            writer: StreamWriter, report: MergeReport, tick, compute):
     reader = _read_in_order(shard, fd, hasher)
     with ThreadPoolExecutor(1) as read_pool, ThreadPoolExecutor(1) as write_pool:
         pending_read = read_pool.submit(next, reader, None)
@@ -298,9 +295,9 @@ def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str
             target = out_dtype(dtype, info.dtype, len(info.shape))
             layer = scaled.layers.get(info.name)
             if layer is not None:
-                outs = _process_scaled(info, t, patches, layer, scaled, target, rounding)
+                outs = _process_scaled(info, t, patches, layer, scaled, target, rounding, compute)
             else:
-                outs = [(info.name, _process(info, t, patches, target, rounding))]
+                outs = [(info.name, compute.process(info, t, patches, target, rounding))]
             report.tensors += 1
             report.merged += bool(patches)
             if pending_write is not None:
@@ -311,7 +308,7 @@ def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str
 
 
 def _process_scaled(info: TensorInfo, q: Tensor, patches: list, layer, scaled: ScaledPlan, target: str,
-                    rounding: str) -> list[tuple[str, Tensor]]:
+                    rounding: str, compute) -> list[tuple[str, Tensor]]:
     """W = q * scale (exact in float64), patched; then re-quantized with a recomputed scale, or written as W."""
     from ..quant.fp8 import quantize_scaled, seed_for_key
 
@@ -319,7 +316,7 @@ def _process_scaled(info: TensorInfo, q: Tensor, patches: list, layer, scaled: S
     if not patches and scaled.mode == "keep":
         return [(info.name, q), (layer.scale_key, old)]
     w = Tensor(q.values() * float(old.values().reshape(-1)[0]), "F64")
-    merged = _process(info, w, patches, "F32") if patches else Tensor(w.array.astype(np.float32), "F32")
+    merged = compute.process(info, w, patches, "F32") if patches else Tensor(w.array.astype(np.float32), "F32")
     if scaled.mode == "dequantize":
         return [(info.name, Tensor.from_values(merged.array, target) if target != "F32" else merged)]
     stochastic = rounding == "stochastic"
@@ -333,51 +330,3 @@ def _write(writer: StreamWriter, outs: list[tuple[str, Tensor]], nbytes: int, ti
     for name, out in outs:
         writer.write(name, out)
     tick(nbytes)
-
-
-def _process(info: TensorInfo, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
-    if dtype in FP8:  # rounded once, as a whole tensor, so stochastic rounding depends only on (key, values)
-        from ..quant.fp8 import round_fp8, seed_for_key
-
-        f32 = t.values32() if not patches else _process(info, t, patches, "F32").array
-        stochastic = bool(patches) and rounding == "stochastic"
-        bits = round_fp8(f32, dtype, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None)
-        return Tensor(bits, dtype)
-    if not patches:
-        if dtype == t.dtype:
-            return t
-        return round_to(t.values(), dtype)
-    if info.name.endswith(".bias") or t.ndim == 1:
-        return round_to(apply_bias(t.values(), patches), dtype)
-    rows = t.shape[0]
-    per_row = max(1, int(np.prod(t.shape[1:])) * 8)
-    step = max(1, BLOCK_BYTES // per_row)
-    out = np.empty(t.shape, dtype=storage_dtype(dtype))
-    cache = DeltaCache()
-    p = patches[0]
-    simple = len(patches) == 1 and p.row_map is None and magnitude(p.adapter) is None
-    for r0 in range(0, rows, step):
-        block = slice(r0, min(rows, r0 + step))
-        if simple:  # one LoRA on the whole weight: W + delta in float64, rounded to float32 in the same ufunc
-            d = delta_rows(p.adapter, block, cache, p.ratio)
-            w = t[block]
-            src = w.array if w.dtype in ("F16", "F32", "F64") else w.values32()  # exact for every float dtype
-            if d is None:
-                d = np.zeros(src.shape)
-            sum32 = np.add(src, d.reshape(src.shape), out=np.empty(src.shape, np.float32), casting="unsafe",
-                           dtype=np.float64)
-            out[block] = from_float32(sum32, dtype)
-        else:
-            w = apply_weight_block(t[block].values(), block, patches, cache)
-            out[block] = round_to(w, dtype).array
-    return Tensor(out, dtype)
-
-
-def from_float32(f32: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "F32":
-        return f32
-    if dtype == "F16":
-        return f32.astype(np.float16)
-    if dtype == "F64":
-        return f32.astype(np.float64)
-    return Tensor.from_values(f32, dtype).array

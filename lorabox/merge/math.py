@@ -29,6 +29,13 @@ class DeltaCache:
             self._down[key] = d.reshape(d.shape[0], -1)
         return self._down[key]
 
+    def warm(self, a: Adapter) -> None:
+        """Decode what the row blocks of `a` share, once (row blocks may then run on several threads)."""
+        if a.kind == "lora" and "mid" not in a.tensors:
+            self.down(a)
+        else:
+            self.full(a)
+
     def full(self, a: Adapter) -> np.ndarray:
         key = id(a)
         if key not in self._full:

@@ -19,8 +19,6 @@ Byte layouts (super-block of QK_K = 256 values; the decoders in gguf-py's `quant
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -28,6 +26,7 @@ from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 from gguf import quants as _gq
 
 from ..errors import LoraboxError
+from ..parallel import run_chunks
 
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")   # encoded by gguf-py
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")                  # encoded here
@@ -162,21 +161,11 @@ def dequantize(data: np.ndarray, qtype: str, shape, *, threads: int | None = Non
 
 def _map_blocks(fn: Callable[[np.ndarray], np.ndarray], src: np.ndarray, out: np.ndarray, chunk: int,
                 threads: int | None) -> None:
-    """out[a:b] = fn(src[a:b]) over chunks of `chunk` blocks; numpy releases the GIL, so threads scale."""
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    starts = range(0, src.shape[0], chunk)
-
+    """out[a:b] = fn(src[a:b]) over chunks of `chunk` blocks, in parallel (see lorabox.parallel)."""
     def work(a: int) -> None:
         out[a:a + chunk] = fn(src[a:a + chunk])
 
-    if threads <= 1 or len(starts) <= 1:
-        for a in starts:
-            work(a)
-        return
-    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-        for _ in pool.map(work, starts):
-            pass
+    run_chunks(work, range(0, src.shape[0], chunk), threads)
 
 
 def _check_finite(lo, hi, qt) -> None:

@@ -1,0 +1,238 @@
+"""Where a merged tensor is computed: `NumpyCompute` on the CPU (row blocks on every core) or `TorchCompute` on
+a CUDA device. Both give the same bytes: W + sum(ratio * scale * delta) in float64, in the definition's order,
+rounded once the way torch's `.to(dtype)` rounds a float64 tensor (to float32, then to the output dtype).
+
+`make_compute(device)` picks one; `--device cpu` is always the numpy path, which the test suite covers and
+against which the torch path is checked byte for byte (run on torch's CPU device where no GPU is present).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputError
+from ..parallel import cpus, run_chunks
+from ..tensor import Tensor, storage_dtype
+from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude
+
+FP8 = ("F8_E4M3", "F8_E5M2")
+BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def make_compute(device: str = "auto"):
+    """`auto`: CUDA when an NVIDIA driver and a CUDA build of torch are present, else the CPU. `cuda` (or
+    `cuda:N`) requires them. torch is imported only when a GPU may be there (it costs 1.5 s to import)."""
+    if device == "cpu":
+        return NumpyCompute()
+    if device == "auto":
+        if not Path("/proc/driver/nvidia").exists():
+            return NumpyCompute()
+        try:
+            import torch
+        except ImportError:
+            return NumpyCompute()
+        return TorchCompute("cuda") if torch.cuda.is_available() else NumpyCompute()
+    if not device.startswith("cuda"):
+        raise OutputError(f"unknown --device {device!r}.", hint="Use auto, cpu or cuda.")
+    try:
+        import torch
+    except ImportError:
+        raise OutputError("--device cuda needs torch.", hint="pip install 'lorabox[torch]' with a CUDA build of "
+                                                            "torch, or use --device cpu.") from None
+    if not torch.cuda.is_available():
+        raise OutputError("--device cuda: torch sees no CUDA device.", hint="Use --device cpu (same result).")
+    return TorchCompute(device)
+
+
+def from_float32(f32: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F32":
+        return f32
+    if dtype == "F16":
+        with np.errstate(over="ignore"):  # beyond 65504 is inf, as torch's cast gives
+            return f32.astype(np.float16)
+    if dtype == "F64":
+        return f32.astype(np.float64)
+    return Tensor.from_values(f32, dtype).array
+
+
+def round_to(w: np.ndarray, dtype: str) -> Tensor:
+    """float64 -> dtype the way torch's `.to(dtype)` does it (through float32, round-to-nearest-even)."""
+    if dtype == "F64":
+        return Tensor(w, "F64")
+    return Tensor(from_float32(w.astype(np.float32), dtype), dtype)
+
+
+def round_fp8_merged(name: str, f32: np.ndarray, dtype: str, rounding: str, patched: bool) -> Tensor:
+    """fp8 from float32, rounded once as a whole tensor so that stochastic rounding depends only on (key,
+    values); untouched weights are always rounded to nearest."""
+    from ..quant.fp8 import round_fp8, seed_for_key
+
+    stochastic = patched and rounding == "stochastic"
+    return Tensor(round_fp8(f32, dtype, stochastic=stochastic, seed=seed_for_key(name) if stochastic else None),
+                  dtype)
+
+
+class NumpyCompute:
+    """The CPU path: float64 row blocks of about BLOCK_BYTES, spread over the CPUs this process may use."""
+
+    name = "cpu"
+
+    def __init__(self, threads: int | None = None):
+        self.threads = cpus() if threads is None else threads
+
+    def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
+        if dtype in FP8:
+            f32 = t.values32() if not patches else self.process(info, t, patches, "F32").array
+            return round_fp8_merged(info.name, f32, dtype, rounding, bool(patches))
+        if not patches:
+            return t if dtype == t.dtype else round_to(t.values(), dtype)
+        if info.name.endswith(".bias") or t.ndim == 1:
+            return round_to(apply_bias(t.values(), patches), dtype)
+        return Tensor(self._rows(t, patches, dtype), dtype)
+
+    def _rows(self, t: Tensor, patches: list, dtype: str) -> np.ndarray:
+        rows = t.shape[0]
+        step = max(1, BLOCK_BYTES // max(1, int(np.prod(t.shape[1:])) * 8))
+        out = np.empty(t.shape, dtype=storage_dtype(dtype))
+        cache = DeltaCache()
+        for p in patches:  # decode shared factors once, before the blocks run in parallel
+            cache.warm(p.adapter)
+        p = patches[0]
+        simple = len(patches) == 1 and p.row_map is None and magnitude(p.adapter) is None
+
+        def block(r0: int) -> None:
+            rs = slice(r0, min(rows, r0 + step))
+            w = t[rs]
+            if simple:  # one LoRA on the whole weight: W + delta in float64, rounded to float32 in one ufunc
+                d = delta_rows(p.adapter, rs, cache, p.ratio)
+                src = w.array if w.dtype in ("F16", "F32", "F64") else w.values32()  # exact for every float
+                if d is None:
+                    d = np.zeros(src.shape)
+                sum32 = np.add(src, d.reshape(src.shape), out=np.empty(src.shape, np.float32), casting="unsafe",
+                               dtype=np.float64)
+                out[rs] = from_float32(sum32, dtype)
+            else:
+                out[rs] = round_to(apply_weight_block(w.values(), rs, patches, cache), dtype).array
+
+        run_chunks(block, range(0, rows, step), self.threads)
+        return out
+
+
+class TorchCompute:
+    """The GPU path: the whole weight in float64 on the device, the same operations in the same order as
+    `NumpyCompute`, and torch's own rounding (to float32, then to the output dtype). fp8 stochastic rounding
+    and GGUF quantization run on the CPU from the device's float32 result (their random streams and block
+    encoders are the numpy ones, so the bytes do not depend on the device)."""
+
+    def __init__(self, device: str = "cuda"):
+        import warnings
+
+        import torch
+
+        # base tensors arrive as read-only buffers; they are only ever copied to the device, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.name = str(self.device)
+        self.cpu = NumpyCompute()
+
+    def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
+        if not patches or info.name.endswith(".bias") or t.ndim == 1:
+            return self.cpu.process(info, t, patches, dtype, rounding)  # copies, casts and biases: no math
+        w = self._merged(t, patches)
+        if dtype == "F64":
+            return Tensor(w.cpu().numpy(), "F64")
+        f32 = w.to(self.torch.float32)
+        del w
+        if dtype in FP8:
+            if rounding == "nearest":
+                return Tensor(self._fp8_nearest(f32, dtype), dtype)
+            return round_fp8_merged(info.name, f32.cpu().numpy(), dtype, rounding, True)
+        return Tensor(self._to_numpy(f32, dtype), dtype)
+
+    # -- float64 on the device -------------------------------------------------------------------------------
+    def _dev(self, t: Tensor):
+        """A Tensor's values as float64 on the device (16-bit floats are moved as 16 bits, then widened)."""
+        torch = self.torch
+        a = t.array
+        if t.dtype == "BF16":
+            x = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        elif t.dtype in ("F16", "F32", "F64"):
+            x = torch.from_numpy(np.ascontiguousarray(a))
+        else:
+            x = torch.from_numpy(t.values())
+        return x.to(self.device, non_blocking=False).to(torch.float64)
+
+    def _delta(self, a, ratio: float):
+        torch = self.torch
+        ts = a.tensors
+        if a.kind == "lora" and "mid" not in ts:
+            up, down = self._dev(ts["up"]), self._dev(ts["down"])
+            d = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(up.shape[0],
+                                                                                        *down.shape[1:])
+            if a.scale != 1.0:
+                d *= a.scale
+            if "diff" in ts:
+                d += self._dev(ts["diff"]).reshape(d.shape)
+            if ratio != 1.0:
+                d *= ratio
+            return d
+        full = a.delta()  # LoHa, LoKr, Tucker, diff-only: the float64 definition, computed once on the CPU
+        return None if full is None else ratio * torch.from_numpy(np.ascontiguousarray(full)).to(self.device)
+
+    def _merged(self, t: Tensor, patches: list):
+        torch = self.torch
+        w = self._dev(t)
+        for p in patches:
+            d = self._delta(p.adapter, p.ratio)
+            if p.row_map is None:
+                sel, target = None, w
+                idx = None
+            else:
+                keep = np.flatnonzero(p.row_map >= 0)
+                if not len(keep):
+                    continue
+                sel = torch.from_numpy(keep).to(self.device)
+                idx = torch.from_numpy(p.row_map[keep]).to(self.device)
+                target = w[sel]
+            if d is not None:
+                if idx is not None:
+                    d = d[idx]
+                if d.numel() != target.numel():
+                    from ..errors import ShapeMismatch
+
+                    raise ShapeMismatch(f"{p.adapter.module}: the LoRA's delta has {d[0].numel()} inputs per row, "
+                                        f"the base weight {target[0].numel()}: a LoRA for another model size.")
+                target += d.reshape(target.shape)
+            m = magnitude(p.adapter)
+            if m is not None:
+                mag = torch.from_numpy(np.ascontiguousarray(m)).to(self.device)
+                if idx is not None:
+                    mag = mag[idx]
+                flat = target.reshape(target.shape[0], -1)
+                flat *= (mag / torch.linalg.vector_norm(flat, dim=1))[:, None]
+            if sel is not None:
+                w[sel] = target
+        return w
+
+    # -- rounding ----------------------------------------------------------------------------------------------
+    def _to_numpy(self, f32, dtype: str) -> np.ndarray:
+        torch = self.torch
+        if dtype == "F32":
+            return f32.cpu().numpy()
+        if dtype == "F16":
+            return f32.to(torch.float16).cpu().numpy()
+        if dtype == "BF16":
+            return f32.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+        raise OutputError(f"cannot round to {dtype} on {self.name}.")
+
+    def _fp8_nearest(self, f32, dtype: str) -> np.ndarray:
+        """Saturate to the format's largest finite value, then torch's round-to-nearest-even cast (as
+        lorabox.quant.fp8.round_fp8 does on the CPU; NaN stays NaN)."""
+        torch = self.torch
+        fmt = torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2
+        big = torch.finfo(fmt).max
+        return f32.clamp(-big, big).to(fmt).view(torch.uint8).cpu().numpy()

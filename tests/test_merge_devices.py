@@ -1,0 +1,103 @@
+"""The GPU path's code (TorchCompute) gives the same bytes as the CPU path (NumpyCompute), run here on torch's CPU
+device: CI has no GPU, so this is what keeps the two in step. On a machine with CUDA the same tests also run on
+the GPU (`LORABOX_TEST_CUDA=1`)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lorabox.io.safetensors import read_tensors, write_tensors
+from lorabox.lora import Adapter
+from lorabox.merge.compute import NumpyCompute, TorchCompute, make_compute
+from lorabox.merge.engine import merge
+from lorabox.tensor import Tensor
+from tests.helpers import rand, random_lora
+from tests.test_merge import _scaled_base, flux_base, write_lora
+
+DEVICES = ["cpu"] + (["cuda"] if os.environ.get("LORABOX_TEST_CUDA") and torch.cuda.is_available() else [])
+
+
+def _loras(tmp_path):
+    """Whole and sliced LoRAs, plus DoRA, LoHa and LoKr adapters and a conv-free diff: every kind of math."""
+    a = random_lora("flux1", seed=1, every=3, alpha=3.0, text_encoders=False)
+    b = random_lora("flux1", seed=2, every=2, alpha=4.0, slices=True, text_encoders=False)
+    rng = np.random.default_rng(9)
+    c = random_lora("flux1", seed=3, every=5, alpha=8.0, text_encoders=False)
+    kinds = iter(["dora", "loha", "lokr", "diff"])
+    for key, ad in list(c.adapters.items()):
+        kind = next(kinds, None)
+        if kind is None:
+            break
+        rows, n_in = ad.tensors["up"].shape[0], ad.tensors["down"].shape[1]
+        if kind == "dora":
+            ad.tensors["magnitude"] = Tensor.from_values(np.abs(rng.standard_normal(rows)) + 0.5, "F32")
+        elif kind == "loha":
+            c.adapters[key] = Adapter(ad.component, ad.module, None, {
+                "hada_w1_a": rand(rng, (rows, 2)), "hada_w1_b": rand(rng, (2, n_in)),
+                "hada_w2_a": rand(rng, (rows, 2)), "hada_w2_b": rand(rng, (2, n_in))}, Tensor.scalar(2.0))
+        elif kind == "lokr":
+            c.adapters[key] = Adapter(ad.component, ad.module, None, {
+                "lokr_w1": rand(rng, (2, 2)), "lokr_w2": rand(rng, (rows // 2, n_in // 2))}, None)
+        else:
+            c.adapters[key] = Adapter(ad.component, ad.module, None, {"diff": rand(rng, (rows, n_in))}, None)
+    return [(write_lora(tmp_path / "a.safetensors", a, "kohya"), 0.8),
+            (write_lora(tmp_path / "b.safetensors", b, "diffusers"), -0.5),
+            (write_lora(tmp_path / "c.safetensors", c, "comfyui"), 0.6)]
+
+
+def _same_outputs(tmp_path, base_path, loras, device, **kw):
+    merge(base_path, loras, tmp_path / "cpu.safetensors", compute=NumpyCompute(), **kw)
+    report = merge(base_path, loras, tmp_path / "dev.safetensors", compute=TorchCompute(device), **kw)
+    assert report.device == device and report.merged > 0
+    want, want_meta = read_tensors(tmp_path / "cpu.safetensors")
+    got, got_meta = read_tensors(tmp_path / "dev.safetensors")
+    assert got.keys() == want.keys() and got_meta == want_meta
+    changed = 0
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].bits_equal(want[k]), k
+        changed += k.endswith(".weight")
+    assert changed
+    return got
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,rounding", [("keep", "nearest"), ("fp16", "nearest"), ("fp32", "nearest"),
+                                            ("fp8_e4m3fn", "nearest"), ("fp8_e5m2", "nearest"),
+                                            ("fp8_e4m3fn", "stochastic")])
+def test_torch_path_equals_numpy_path(tmp_path, device, dtype, rounding):
+    base = flux_base(np.random.default_rng(0), "BF16")
+    big = base["double_blocks.0.img_mlp.0.weight"]
+    base["double_blocks.0.img_mlp.0.weight"] = Tensor(big.array * 0 + 0x7F7F, "BF16")  # saturates fp8 outputs
+    write_tensors(tmp_path / "base.safetensors", base)
+    _same_outputs(tmp_path, tmp_path / "base.safetensors", _loras(tmp_path), device, dtype=dtype, rounding=rounding)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_path_equals_numpy_path_on_a_scaled_fp8_base(tmp_path, device):
+    write_tensors(tmp_path / "base.safetensors", _scaled_base(np.random.default_rng(1), "comfy_quant"))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", every=3, text_encoders=False), "kohya")
+    _same_outputs(tmp_path, tmp_path / "base.safetensors", [(lora, 0.7)], device, rounding="nearest")
+
+
+def test_numpy_path_does_not_depend_on_its_thread_count(tmp_path):
+    base = flux_base(np.random.default_rng(2), "F16", n_in=4096)  # several row blocks per weight
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", every=4, text_encoders=False)
+    rng = np.random.default_rng(3)
+    for a in lora.adapters.values():
+        a.tensors["down"] = Tensor.from_values(rng.standard_normal((4, 4096)) * 0.1, "BF16")
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "one.safetensors", compute=NumpyCompute(1))
+    merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "two.safetensors", compute=NumpyCompute(3))
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+
+
+def test_device_choice():
+    assert isinstance(make_compute("cpu"), NumpyCompute)
+    if not torch.cuda.is_available():
+        assert isinstance(make_compute("auto"), NumpyCompute)
+        with pytest.raises(Exception, match="no CUDA device"):
+            make_compute("cuda")
+    with pytest.raises(Exception, match="unknown --device"):
+        make_compute("tpu")

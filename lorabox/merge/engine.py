@@ -107,54 +107,55 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     if rounding not in ("stochastic", "nearest"):
         raise OutputError(f"unknown --rounding {rounding!r}.", hint="Use stochastic or nearest.")
     compute = compute or make_compute(device)
-    read = [(load_lora(p), float(r)) for p, r in loras]
-    record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding,
-              "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
-              "block_ratios": [[p, r] for p, r in block_ratios]}
-    report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
-    total = Path(base_path).stat().st_size if base is None else base.nbytes
-    done = 0
+    with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
+        read = [(load_lora(p), float(r)) for p, r in loras]
+        record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding,
+                  "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
+                  "block_ratios": [[p, r] for p, r in block_ratios]}
+        report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
+        total = Path(base_path).stat().st_size if base is None else base.nbytes
+        done = 0
 
-    def tick(n):
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
+        def tick(n):
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total)
 
-    if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
-        record["base"] = {"file": Path(base_path).name, "sha256": _sha256(Path(base_path))}
-        kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
-                      report=report, tick=tick, process=compute.process)
-        if gguf_base:
-            report.bytes_written = merge_gguf_base(Path(base_path), read, output, **kwargs)
+        if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
+            record["base"] = {"file": Path(base_path).name, "sha256": _sha256(Path(base_path))}
+            kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
+                          report=report, tick=tick, process=compute.process)
+            if gguf_base:
+                report.bytes_written = merge_gguf_base(Path(base_path), read, output, **kwargs)
+            else:
+                report.bytes_written = merge_to_gguf(Path(base_path), read, output, quant, **kwargs)
+            report.seconds = time.perf_counter() - started
+            return report
+        plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
+        record.update(architecture=plan.architecture, layout=plan.layout, dropped=len(plan.dropped))
+        report.architecture, report.layout, report.dropped = plan.architecture, plan.layout, plan.dropped
+        _check_space(base, output, dtype)
+        if base.folder:
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+            try:
+                for shard in base.shards:
+                    report.bytes_written += _merge_shard(shard, plan, tmp_dir / shard.path.name, dtype, rounding,
+                                                         record, report, tick, compute)
+                for extra in sorted(base.path.iterdir()):
+                    if extra.is_file() and not extra.name.endswith(".safetensors"):
+                        shutil.copy2(extra, tmp_dir / extra.name)
+                if output.exists():
+                    shutil.rmtree(output)
+                os.replace(tmp_dir, output)
+            except BaseException:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
         else:
-            report.bytes_written = merge_to_gguf(Path(base_path), read, output, quant, **kwargs)
+            report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick,
+                                               compute)
         report.seconds = time.perf_counter() - started
         return report
-    plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
-    record.update(architecture=plan.architecture, layout=plan.layout, dropped=len(plan.dropped))
-    report.architecture, report.layout, report.dropped = plan.architecture, plan.layout, plan.dropped
-    _check_space(base, output, dtype)
-    if base.folder:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-        try:
-            for shard in base.shards:
-                report.bytes_written += _merge_shard(shard, plan, tmp_dir / shard.path.name, dtype, rounding, record,
-                                                     report, tick, compute)
-            for extra in sorted(base.path.iterdir()):
-                if extra.is_file() and not extra.name.endswith(".safetensors"):
-                    shutil.copy2(extra, tmp_dir / extra.name)
-            if output.exists():
-                shutil.rmtree(output)
-            os.replace(tmp_dir, output)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-    else:
-        report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick,
-                                           compute)
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 @dataclass

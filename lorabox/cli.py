@@ -189,14 +189,16 @@ def _block_ratio(value: str) -> tuple[str, float]:
               help="fp8 rounding of LoRA-patched weights (stochastic keeps weak LoRAs; seeded per key).")
 @click.option("--block-ratio", "block_ratios", multiple=True, metavar="PATTERN=R",
               help="Multiply the ratio on canonical modules matching PATTERN (fnmatch), e.g. 'double_blocks.1*=0.5'.")
+@click.option("--fp8-layout", type=click.Choice(["legacy", "comfy_quant"]), default=None,
+              help="With --dtype fp8_*: write ComfyUI scaled fp8 (one scale per denoiser matrix) in this layout.")
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="Where deltas are computed: auto takes a CUDA GPU when torch sees one. Same bytes on every device.")
 @arch_option
 @click.option("--drop-unknown", is_flag=True, help="Merge without adapters that land on no base weight, and report them.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (never an input).")
 @json_option
-def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, device, arch, drop_unknown, overwrite,
-              as_json):
+def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, fp8_layout, device, arch, drop_unknown,
+              overwrite, as_json):
     """Merge LoRAs into a base checkpoint, streaming tensor by tensor in bounded memory.
 
     BASE is a .safetensors checkpoint (SD1.5/SDXL single file, BFL or ComfyUI-packaged FLUX.1), a diffusers
@@ -206,6 +208,7 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
     Example:
       lorabox merge flux1-dev.safetensors --lora style.safetensors:0.8 --lora detail.safetensors:0.3 -o merged.safetensors
       lorabox merge flux1-dev.safetensors --lora style.safetensors --quant Q8_0 -o flux1-dev-style-Q8_0.gguf
+      lorabox merge flux1-dev.safetensors --lora style.safetensors --dtype fp8_e4m3fn --fp8-layout comfy_quant -o out.safetensors
     """
     from tqdm import tqdm
 
@@ -223,7 +226,8 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
 
     try:
         report = merge(base, specs, output, dtype=dtype, rounding=rounding, quant=quant, block_ratios=patterns,
-                       drop_unknown=drop_unknown, arch=arch, overwrite=overwrite, device=device, progress=progress)
+                       drop_unknown=drop_unknown, arch=arch, overwrite=overwrite, device=device,
+                       fp8_layout=fp8_layout, progress=progress)
     finally:
         if bar is not None:
             bar.close()

@@ -327,3 +327,46 @@ def test_scaled_fp8_base_dequantized_to_bf16_drops_the_scales(tmp_path):
     with pytest.raises(OutputError, match="scaled-fp8"):
         merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "o2.safetensors", dtype="fp8_e5m2")
     assert not (tmp_path / "o2.safetensors").exists()
+
+
+@pytest.mark.parametrize("layout", ["legacy", "comfy_quant"])
+def test_scaled_fp8_output_from_a_bf16_base(tmp_path, layout):
+    """--fp8-layout: every matrix becomes fp8 with scale amax/max of the merged float32 (ComfyUI's recipe; the
+    layer layouts are checked against ComfyUI's own ops in test_fp8.py); the rest keeps its dtype; lorabox's
+    scaled-fp8 reader finds every layer, and the output merges again keeping its type."""
+    from lorabox.io.safetensors import read_header
+    from lorabox.quant.fp8 import detect_scaled_fp8, quantize_scaled
+
+    rng = np.random.default_rng(17)
+    base = flux_base(rng, "BF16")
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", every=3, alpha=4.0, text_encoders=False)
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, 0.7)], tmp_path / "o.safetensors", dtype="fp8_e4m3fn",
+          rounding="nearest", fp8_layout=layout)
+    out, _ = read_tensors(tmp_path / "o.safetensors")
+    scale_key = ".scale_weight" if layout == "legacy" else ".weight_scale"
+    deltas = effective_deltas(lora)
+    matrices = [k for k in base if base[k].ndim == 2]
+    for key in matrices:
+        layer = key[: -len(".weight")]
+        w = base[key].values()
+        if ("unet", layer) in deltas:
+            w = w + 0.7 * deltas[("unet", layer)]
+        bits, scale = quantize_scaled(w.astype(np.float32), "F8_E4M3")
+        assert out[key].dtype == "F8_E4M3" and np.array_equal(out[key].array, bits), key
+        assert out[layer + scale_key].array.tobytes() == np.float32(scale).tobytes(), key
+    for key in set(base) - set(matrices):
+        assert out[key].bits_equal(base[key]), key
+    info = detect_scaled_fp8(read_header(tmp_path / "o.safetensors")[0])
+    assert info.layout == layout and len(info.layers) == len(matrices)
+    assert ("scaled_fp8" in out) == (layout == "legacy")
+    merge(tmp_path / "o.safetensors", [(path, 0.1)], tmp_path / "o2.safetensors", rounding="nearest")
+    again, _ = read_tensors(tmp_path / "o2.safetensors")
+    assert again.keys() == out.keys()
+    with pytest.raises(OutputError, match="needs --dtype fp8"):
+        merge(tmp_path / "base.safetensors", [(path, 0.7)], tmp_path / "x.safetensors", dtype="bf16", fp8_layout=layout)
+    with pytest.raises(OutputError, match="already scaled"):
+        merge(tmp_path / "o.safetensors", [(path, 0.7)], tmp_path / "x.safetensors", dtype="fp8_e4m3fn",
+              fp8_layout=layout)
+    assert not (tmp_path / "x.safetensors").exists()

@@ -71,6 +71,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
           dtype: str = "keep", rounding: str = "stochastic", quant: str | None = None,
           block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False,
           arch: str | None = None, overwrite: bool = False, device: str = "auto", compute=None,
+          fp8_layout: str | None = None,
           progress: Callable[[int, int], None] | None = None) -> MergeReport:
     """Merge LoRAs at their ratios into a base checkpoint, streaming, and write `output` atomically.
 
@@ -87,6 +88,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
             with ComfyUI-GGUF's rules for what stays F32/F16/BF16. A GGUF base is written as GGUF keeping its types.
         block_ratios: (fnmatch pattern on canonical module names, ratio) pairs multiplying the LoRA ratios.
         device: auto | cpu | cuda[:N]: where the deltas are computed (the bytes are the same on every device).
+        fp8_layout: with an fp8 dtype, write ComfyUI scaled fp8 ("legacy": `scaled_fp8` marker and
+            `.scale_weight`; "comfy_quant": `.comfy_quant` and `.weight_scale`), one scale per denoiser matrix.
         compute: a compute object (`lorabox.merge.compute`), overriding `device` (tests run the GPU code on
             torch's CPU device this way).
     Returns:
@@ -106,10 +109,13 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         raise OutputError(f"unknown --dtype {dtype!r}.", hint=f"Use one of {', '.join(DTYPES)}.")
     if rounding not in ("stochastic", "nearest"):
         raise OutputError(f"unknown --rounding {rounding!r}.", hint="Use stochastic or nearest.")
+    if fp8_layout and (gguf_base or quant or base.folder):
+        raise OutputError(f"--fp8-layout: ComfyUI scaled fp8 is written as one safetensors file from a "
+                          f"safetensors checkpoint, not from {'a folder' if base and base.folder else 'GGUF'}.")
     compute = compute or make_compute(device)
     with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
         read = [(load_lora(p), float(r)) for p, r in loras]
-        record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding,
+        record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
                   "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
                   "block_ratios": [[p, r] for p, r in block_ratios]}
         report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
@@ -141,7 +147,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
             try:
                 for shard in base.shards:
                     report.bytes_written += _merge_shard(shard, plan, tmp_dir / shard.path.name, dtype, rounding,
-                                                         record, report, tick, compute)
+                                                         record, report, tick, compute, None)
                 for extra in sorted(base.path.iterdir()):
                     if extra.is_file() and not extra.name.endswith(".safetensors"):
                         shutil.copy2(extra, tmp_dir / extra.name)
@@ -153,7 +159,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
                 raise
         else:
             report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick,
-                                               compute)
+                                               compute, fp8_layout)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -164,16 +170,26 @@ class ScaledPlan:
     and re-quantizes with a recomputed scale (written right after its weight), `dequantize` writes W in the
     output dtype and drops the scales and markers."""
 
-    mode: str | None  # None (no scaled layers), "keep" or "dequantize"
-    layers: dict = field(default_factory=dict)  # weight key -> ScaledLayer
+    mode: str | None  # None (no scaled layers), "keep", "dequantize", or "make" (scaled fp8 from a plain base)
+    layers: dict = field(default_factory=dict)  # weight key -> ScaledLayer ("make": weight key -> layer name)
     scales: dict = field(default_factory=dict)  # scale key -> Tensor (read before streaming: they are tiny)
     skip: set = field(default_factory=set)  # keys not written where they stand in the file
+    layout: str | None = None  # "make": legacy or comfy_quant
+    marker: str | None = None  # "make", legacy: the `scaled_fp8` marker key, written last
 
 
-def _scaled_plan(shard: Shard, dtype: str) -> ScaledPlan:
+DENOISER = "model.diffusion_model."
+
+
+def _scaled_plan(shard: Shard, dtype: str, fp8_layout: str | None = None) -> ScaledPlan:
     from ..quant.fp8 import detect_scaled_fp8
 
     info = detect_scaled_fp8({t.name: (t.dtype, list(t.shape)) for t in shard.tensors}, shard.metadata)
+    if fp8_layout:
+        if info.layout:
+            raise OutputError(f"{shard.path}: is already scaled fp8 ({info.layout} layout).",
+                              hint="Merge it keeping its type (--dtype keep), without --fp8-layout.")
+        return _make_scaled_plan(shard, dtype, fp8_layout)
     if not info.layout:
         return ScaledPlan(None)
     if info.layout == "mixed" or DTYPES[dtype] in FP8:
@@ -195,6 +211,29 @@ def _scaled_plan(shard: Shard, dtype: str) -> ScaledPlan:
     return plan
 
 
+def _make_scaled_plan(shard: Shard, dtype: str, layout: str) -> ScaledPlan:
+    """ComfyUI scaled fp8 from a plain base: every matrix of the denoiser (`model.diffusion_model.*` in a full
+    checkpoint, every matrix in a bare one) becomes fp8 with a per-tensor scale; the rest keeps its dtype,
+    as in ComfyUI's own scaled checkpoints (text encoders and VAE would not understand the scales)."""
+    fp8 = DTYPES.get(dtype)
+    if fp8 not in FP8:
+        raise OutputError(f"--fp8-layout {layout} needs --dtype fp8_e4m3fn or fp8_e5m2, not {dtype}.")
+    if layout not in ("legacy", "comfy_quant"):
+        raise OutputError(f"unknown --fp8-layout {layout!r}.", hint="Use legacy or comfy_quant.")
+    full = any(t.name.startswith(DENOISER) for t in shard.tensors)
+    layers = {t.name: t.name[: -len(".weight")] for t in shard.tensors
+              if t.name.endswith(".weight") and len(t.shape) == 2 and t.dtype in FLOATS and t.dtype not in FP8
+              and (not full or t.name.startswith(DENOISER))}
+    marker = (DENOISER if full else "") + "scaled_fp8" if layout == "legacy" else None
+    return ScaledPlan("make", layers, layout=layout, marker=marker)
+
+
+def _made_layer(name: str, bits: np.ndarray, fp8: str, scale, layout: str) -> list[tuple[str, Tensor]]:
+    from ..quant.fp8 import scaled_layer_tensors
+
+    return list(scaled_layer_tensors(name, bits, fp8, scale, layout=layout).items())
+
+
 def _entries(shard: Shard, dtype: str, scaled: ScaledPlan) -> list[tuple[str, str, tuple[int, ...]]]:
     """The output tensors in write order: file order, minus skipped keys, each kept scale after its weight."""
     by_name = {t.name: t for t in shard.tensors}
@@ -202,11 +241,21 @@ def _entries(shard: Shard, dtype: str, scaled: ScaledPlan) -> list[tuple[str, st
     for t in shard.tensors:
         if t.name in scaled.skip:
             continue
-        out.append((t.name, out_dtype(dtype, t.dtype, len(t.shape)), t.shape))
         layer = scaled.layers.get(t.name)
+        if scaled.mode == "make":
+            if layer is None:
+                out.append((t.name, t.dtype, t.shape))
+            else:
+                fp8 = DTYPES[dtype]
+                dummy = _made_layer(layer, np.zeros(t.shape, np.uint8), fp8, 1.0, scaled.layout)
+                out.extend((name, x.dtype, x.shape) for name, x in dummy)
+            continue
+        out.append((t.name, out_dtype(dtype, t.dtype, len(t.shape)), t.shape))
         if layer is not None and scaled.mode == "keep":
             s = by_name[layer.scale_key]
             out.append((s.name, s.dtype, s.shape))
+    if scaled.marker:
+        out.append((scaled.marker, DTYPES[dtype], (0,)))
     return out
 
 
@@ -243,8 +292,8 @@ def _width(dtype: str) -> int:
 
 
 def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str, record: dict, report: MergeReport,
-                 tick, compute) -> int:
-    scaled = _scaled_plan(shard, dtype)
+                 tick, compute, fp8_layout: str | None) -> int:
+    scaled = _scaled_plan(shard, dtype, fp8_layout)
     entries = _entries(shard, dtype, scaled)
     rec = dict(record, base={"file": shard.path.name, "sha256": PENDING})
     metadata = dict(shard.metadata)
@@ -295,7 +344,9 @@ def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str
             patches = plan.patches.get(info.name, [])
             target = out_dtype(dtype, info.dtype, len(info.shape))
             layer = scaled.layers.get(info.name)
-            if layer is not None:
+            if scaled.mode == "make":
+                outs = _make_scaled(info, t, patches, layer, DTYPES[dtype], scaled.layout, rounding, compute)
+            elif layer is not None:
                 outs = _process_scaled(info, t, patches, layer, scaled, target, rounding, compute)
             else:
                 outs = [(info.name, compute.process(info, t, patches, target, rounding))]
@@ -306,6 +357,23 @@ def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str
             pending_write = write_pool.submit(_write, writer, outs, info.nbytes, tick)
         if pending_write is not None:
             pending_write.result()
+    if scaled.marker:
+        from ..quant.fp8 import scaled_fp8_marker
+
+        writer.write(scaled.marker, scaled_fp8_marker(DTYPES[dtype]))
+
+
+def _make_scaled(info: TensorInfo, t: Tensor, patches: list, layer: str | None, fp8: str, layout: str,
+                 rounding: str, compute) -> list[tuple[str, Tensor]]:
+    """A plain weight merged, then quantized to scaled fp8 with scale = amax/max; other tensors as they are."""
+    from ..quant.fp8 import quantize_scaled, seed_for_key
+
+    if layer is None:
+        return [(info.name, compute.process(info, t, patches, t.dtype, rounding))]
+    f32 = compute.process(info, t, patches, "F32").array if patches else t.values32()
+    stochastic = bool(patches) and rounding == "stochastic"
+    bits, scale = quantize_scaled(f32, fp8, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None)
+    return _made_layer(layer, bits.reshape(t.shape), fp8, np.asarray(scale).reshape(()), layout)
 
 
 def _process_scaled(info: TensorInfo, q: Tensor, patches: list, layer, scaled: ScaledPlan, target: str,

@@ -52,6 +52,17 @@ class Hit:
     naming: str  # "canonical" | "diffusers" | "alias"
 
 
+@dataclass(frozen=True)
+class BaseName:
+    """Where a canonical module lives in a base checkpoint spelled another way: its weight and bias keys, and
+    `part` = (i, n) when it is the i-th of n equal row blocks of a fused weight (OpenCLIP's in_proj_weight)."""
+
+    canonical: str
+    weight: str
+    bias: str
+    part: tuple[int, int] | None = None
+
+
 @dataclass
 class Table:
     name: str
@@ -59,6 +70,8 @@ class Table:
     dims: dict[str, int]
     fingerprints: list[dict]
     modules: dict[str, Module] = field(default_factory=dict)
+    # other spellings of base checkpoints (merge only): name -> [BaseName], e.g. OpenCLIP inside SDXL files
+    spellings: dict[str, list["BaseName"]] = field(default_factory=dict)
     dotted: dict[str, Hit] = field(default_factory=dict)  # any spelling with dots -> hit
     flat: dict[str, Hit] = field(default_factory=dict)  # the same spellings with `.` -> `_`
 
@@ -204,6 +217,17 @@ def load_table(name: str) -> Table:
                     _add_spelling(table, alias, Hit(module, None, "alias"))
                 for apre in alias_pres:  # another spelling of the whole group prefix, read only
                     _add_spelling(table, _join(apre, c.format(**env)), Hit(module, None, "alias"))
+    for group in data.get("spelling", []):
+        names = table.spellings.setdefault(group["name"], [])
+        for env in _assignments(group, consts):
+            cpre, bpre = group["canonical"].format(**env), group["base"].format(**env)
+            for raw in group["modules"]:
+                canonical = _join(cpre, raw["c"].format(**env))
+                if canonical not in table.modules:
+                    raise KeyMapError(f"key map {name}: spelling {group['name']} names unknown module {canonical}")
+                weight = _join(bpre, raw.get("weight", raw.get("b", "") + ".weight").format(**env))
+                bias = _join(bpre, raw.get("bias", raw.get("b", "") + ".bias").format(**env))
+                names.append(BaseName(canonical, weight, bias, tuple(raw["part"]) if "part" in raw else None))
     return table
 
 

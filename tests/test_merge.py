@@ -370,3 +370,48 @@ def test_scaled_fp8_output_from_a_bf16_base(tmp_path, layout):
         merge(tmp_path / "o.safetensors", [(path, 0.7)], tmp_path / "x.safetensors", dtype="fp8_e4m3fn",
               fp8_layout=layout)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sdxl_single_file_text_encoder_2_is_openclip_and_diffusers_agrees(tmp_path):
+    """SDXL single files keep te2 in OpenCLIP names with q, k, v fused in `attn.in_proj_weight`. A te2 LoRA
+    (HF names) merged by lorabox, then read by diffusers' own single-file converter, gives diffusers' q/k/v/out/fc
+    weights = base + ratio * delta: diffusers decides which rows are q, k and v."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    h, prefix = 8, "conditioner.embedders.1.model."
+    rng = np.random.default_rng(18)
+    base = {}
+    for i in range(32):
+        p = f"{prefix}transformer.resblocks.{i}."
+        base[p + "attn.in_proj_weight"] = rand(rng, (3 * h, 16), "F32")
+        base[p + "attn.in_proj_bias"] = rand(rng, (3 * h,), "F32")
+        base[p + "attn.out_proj.weight"] = rand(rng, (h, 16), "F32")
+        base[p + "mlp.c_fc.weight"] = rand(rng, (4 * h, 16), "F32")
+        base[p + "mlp.c_proj.weight"] = rand(rng, (h, 16), "F32")
+        base[p + "ln_1.weight"] = rand(rng, (16,), "F32")
+    write_tensors(tmp_path / "sdxl.safetensors", base)
+    lora = random_lora("sdxl", seed=19, every=1, alpha=4.0)
+    lora.adapters = {k: a for k, a in lora.adapters.items() if a.component == "clip_g" and a.module != "text_projection"}
+    for a in lora.adapters.values():  # rows as the base has them: h per q/k/v/out/fc2, 4h for fc1
+        rows = 4 * h if a.module.endswith("fc1") else h
+        a.tensors["up"] = rand(rng, (rows, a.tensors["up"].shape[1]), "BF16")
+    path = write_lora(tmp_path / "te2.safetensors", lora, "kohya")
+    report = merge(tmp_path / "sdxl.safetensors", [(path, 0.6)], tmp_path / "o.safetensors")
+    assert report.layout == "single_file" and report.merged == 32 * 4  # q, k, v share in_proj_weight
+    out, _ = read_tensors(tmp_path / "o.safetensors")
+
+    def hf(sd):
+        ckpt = {k: torch.from_numpy(np.array(v.values())) for k, v in sd.items()}
+        return convert_open_clip_checkpoint(SimpleNamespace(config=SimpleNamespace(hidden_size=h)), ckpt, prefix)
+
+    before, after = hf(base), hf(out)
+    deltas = effective_deltas(lora)
+    assert len(deltas) == 32 * 6
+    for (_, module), delta in deltas.items():
+        key = module + ".weight"
+        want = (before[key].double() + 0.6 * torch.from_numpy(delta)).float()
+        assert torch.equal(after[key], want), key
+    untouched = [k for k in before if k.endswith(("q_proj.bias", "layer_norm1.weight"))]
+    assert untouched and all(torch.equal(after[k], before[k]) for k in untouched)

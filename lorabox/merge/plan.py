@@ -28,6 +28,7 @@ class Slot:
     part: int | None  # the diffusers slice this base weight is, for split modules in a diffusers layout
     naming: str
     bias: bool = False
+    rows: tuple[int, int] | None = None  # (i, n): the module is the i-th of n equal row blocks of this weight
 
 
 @dataclass
@@ -46,22 +47,30 @@ class Plan:
     dropped: list[str] = field(default_factory=list)  # adapters that land nowhere (with drop_unknown)
 
 
-def base_slots(arch: Architecture, layout_name: str) -> dict[str, Slot]:
-    out = {}
+def base_slots(arch: Architecture, layout_name: str) -> dict[str, list[Slot]]:
+    """Base key -> the table modules stored there (several when a checkpoint fuses modules the table keeps
+    apart, as OpenCLIP's in_proj_weight holds q, k and v)."""
+    out: dict[str, list[Slot]] = {}
     for comp_name, spec in arch.layouts[layout_name].items():
-        comp = arch.components[comp_name]
-        for module in comp.table.modules.values():
-            if spec["naming"] == "canonical":
+        table, naming, prefix = arch.components[comp_name].table, spec["naming"], spec["prefix"]
+        if naming in table.spellings:
+            for b in table.spellings[naming]:
+                module = table.modules[b.canonical]
+                out.setdefault(prefix + b.weight, []).append(Slot(comp_name, module, None, naming, rows=b.part))
+                out.setdefault(prefix + b.bias, []).append(Slot(comp_name, module, None, naming, True, b.part))
+            continue
+        for module in table.modules.values():
+            if naming == "canonical":
                 names = [(module.canonical, None)]
             else:
                 names = [(d, i if module.split else None) for i, d in enumerate(module.diffusers)]
             for name, part in names:
-                out[spec["prefix"] + name + ".weight"] = Slot(comp_name, module, part, spec["naming"])
-                out[spec["prefix"] + name + ".bias"] = Slot(comp_name, module, part, spec["naming"], bias=True)
+                out.setdefault(prefix + name + ".weight", []).append(Slot(comp_name, module, part, naming))
+                out.setdefault(prefix + name + ".bias", []).append(Slot(comp_name, module, part, naming, bias=True))
     return out
 
 
-def detect_base(base: BaseCheckpoint, arch: str | None = None) -> tuple[str, str, dict[str, Slot]]:
+def detect_base(base: BaseCheckpoint, arch: str | None = None) -> tuple[str, str, dict[str, list[Slot]]]:
     """(architecture, layout, slots) explaining the most of the base's weights."""
     keys = set(base.tensors)
     best = None
@@ -69,7 +78,7 @@ def detect_base(base: BaseCheckpoint, arch: str | None = None) -> tuple[str, str
         spec = load_architecture(name)
         for layout in spec.layouts:
             slots = base_slots(spec, layout)
-            hits = sum(1 for k in keys if k in slots and k.endswith(".weight"))
+            hits = sum(1 for k in keys if k in slots and not slots[k][0].bias)
             if best is None or hits > best[0]:
                 best = (hits, name, layout, slots)
     if best is None or best[0] == 0:
@@ -115,9 +124,10 @@ def make_plan(base: BaseCheckpoint, loras: list[tuple[Lora, float]], *, arch: st
     plan = Plan(arch_name, layout)
     # index the base's slots by (component, canonical module)
     by_module: dict[tuple[str, str], list[tuple[str, Slot]]] = {}
-    for key, slot in slots.items():
+    for key, key_slots in slots.items():
         if key in infos:
-            by_module.setdefault((slot.component, slot.module.canonical), []).append((key, slot))
+            for slot in key_slots:
+                by_module.setdefault((slot.component, slot.module.canonical), []).append((key, slot))
     lost = []
     for index, (lora, ratio) in enumerate(loras):
         if lora.architecture != arch_name:
@@ -151,6 +161,12 @@ def make_plan(base: BaseCheckpoint, loras: list[tuple[Lora, float]], *, arch: st
 
 def _row_map(a: Adapter, slot: Slot, rows: int) -> np.ndarray | None:
     m = slot.module
+    if slot.rows is not None:  # one of n equal row blocks of a fused base weight (a.part is None: no split)
+        i, n = slot.rows
+        start, size = rows // n * i, rows // n
+        row_map = np.full(rows, -1, dtype=np.int64)
+        row_map[start:start + size] = np.arange(size)
+        return row_map
     if slot.naming == "canonical" or not m.split:
         if a.part is None:
             row_map = None

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputFileError, OutputError
-from .files import AtomicWriter, temporary_beside
+from .files import AtomicWriter, pread_exact, temporary_beside
 
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -52,11 +52,14 @@ class GGUFTensor:
 
 
 class GGUFBase:
-    """A GGUF file opened read-only (memory-mapped through `gguf.GGUFReader`)."""
+    """A GGUF file opened read-only: `gguf.GGUFReader` parses the header; tensor data is read with `pread`, not
+    through the reader's memory map, so a merge's resident memory stays at a few tensors (mapped pages that were
+    read would count toward RSS until the kernel reclaims them)."""
 
     def __init__(self, path: Path, reader: Any):
         self.path = path
         self._reader = reader
+        self._fd: int | None = os.open(path, os.O_RDONLY)
         self.architecture: str | None = None
         self.kv: dict[str, Any] = {}
         self.kv_types: dict[str, tuple[str, str | None]] = {}  # key -> (GGUFValueType name, array sub-type name)
@@ -70,8 +73,9 @@ class GGUFBase:
         raise KeyError(name)
 
     def read_raw(self, t: GGUFTensor) -> np.ndarray:
-        """The tensor's bytes as stored (read-only uint8 view of the memory map)."""
-        return self._reader.data[t.offset:t.offset + t.nbytes]
+        """The tensor's bytes as stored (a read-only uint8 array)."""
+        buf = pread_exact(self._fd, t.nbytes, t.offset, path=self.path, what=f"tensor {t.name!r}")
+        return np.frombuffer(buf, np.uint8)
 
     def read(self, t: GGUFTensor) -> np.ndarray:
         """The tensor's values as float32, in its original (orig_shape) shape."""
@@ -79,6 +83,9 @@ class GGUFBase:
 
     def close(self) -> None:
         self._reader = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self

@@ -234,5 +234,49 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
                    err=True)
 
 
+@main.command("hash")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@json_option
+def hash_cmd(files, as_json):
+    """Print the hashes CivitAI and the web UIs identify a file by: SHA256, AutoV1, AutoV2, AutoV3, CRC32.
+
+    AutoV3 (and kohya's sshs_model_hash) cover only the tensor bytes, so they survive metadata edits;
+    the others change with every header write: hash after the last one.
+
+    \b
+    Example:
+      lorabox hash my_lora.safetensors
+      lorabox hash *.safetensors --json
+    """
+    from tqdm import tqdm
+
+    from .publish.hashes import file_hashes
+
+    results = []
+    for file in files:
+        bar = None
+
+        def progress(done, total):  # the bar appears once reading starts, not before the file is checked
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="hash", disable=as_json, leave=False)
+            bar.update(done - bar.n)
+
+        try:
+            results.append({"file": file, **file_hashes(file, progress=progress)})
+        finally:
+            if bar is not None:
+                bar.close()
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    labels = {"sha256": "SHA256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": "AutoV3",
+              "sshs_model_hash": "sshs_model_hash", "crc32": "CRC32", "crc32_civitai": "CRC32 (CivitAI)"}
+    for r in results:
+        click.echo(r["file"])
+        for key, label in labels.items():
+            click.echo(f"  {label:16s} {r[key] if r[key] is not None else '-'}")
+
+
 if __name__ == "__main__":
     main()

@@ -278,5 +278,65 @@ def hash_cmd(files, as_json):
             click.echo(f"  {label:16s} {r[key] if r[key] is not None else '-'}")
 
 
+@main.command("meta")
+@click.argument("file", type=click.Path())
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Set a metadata key (repeat for several).")
+@click.option("--unset", multiple=True, metavar="KEY", help="Remove a metadata key.")
+@click.option("--strip-private", is_flag=True, help="Redact absolute paths, user names, e-mails, ss_dataset_dirs.")
+@click.option("--from-training", is_flag=True,
+              help="Fill modelspec title/date/trigger/resolution from the kohya/ai-toolkit ss_* training record.")
+@click.option("--no-fill", is_flag=True, help="Do not fill missing modelspec and ss_network_* keys from the tensors.")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Write here instead of replacing FILE (FILE is otherwise replaced atomically).")
+@click.option("--dry-run", is_flag=True, help="Show the changes, write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file (never an input).")
+@arch_option
+@json_option
+def meta_cmd(file, sets, unset, strip_private, from_training, no_fill, output, dry_run, overwrite, arch, as_json):
+    """Show or rewrite a LoRA's header metadata (ModelSpec 1.0.1, kohya ss_*), leaving the tensor bytes as they are.
+
+    With no edit option it only shows the metadata. Any edit also fills the missing ModelSpec keys
+    (architecture from the keys and shapes, implementation, title, date, hash_sha256 of the tensor bytes) and
+    ss_network_dim/alpha/module and ss_base_model_version, unless --no-fill. AutoV3 stays the same;
+    SHA256/AutoV2 change: they are printed after the write.
+
+    \b
+    Example:
+      lorabox meta my_lora.safetensors
+      lorabox meta my_lora.safetensors --from-training --strip-private --set modelspec.author=me
+      lorabox meta my_lora.safetensors --set modelspec.trigger_phrase=ohwx -o published.safetensors
+    """
+    from .publish.meta import edit_metadata, show_metadata
+
+    if not (sets or unset or strip_private or from_training or output or dry_run):
+        info = show_metadata(file)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        click.echo(info["file"])
+        for k, v in info["metadata"].items():
+            click.echo(f"  {k} = {v if len(v) <= 120 else v[:117] + '...'}")
+        if info["modelspec_missing"]:
+            click.echo(f"  missing ModelSpec keys: {', '.join(info['modelspec_missing'])}")
+        return
+    result = edit_metadata(file, sets=sets, unset=unset, strip=strip_private, from_training=from_training,
+                           fill=not no_fill, output=output, overwrite=overwrite, write=not dry_run, arch=arch)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    for c in result.changes:
+        old = "(new)" if c["old"] is None else c["old"][:60]
+        new = "(removed)" if c["new"] is None else c["new"][:80]
+        click.echo(f"  {c['key']}: {old} -> {new}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if result.output is None:
+        click.echo(f"{file}: {len(result.changes)} change(s); dry run, nothing written")
+        return
+    h = result.hashes
+    click.echo(f"{result.output}: {len(result.changes)} change(s) written; SHA256 {h['sha256']}, "
+               f"AutoV2 {h['autov2']}, AutoV3 {h['autov3']}")
+
+
 if __name__ == "__main__":
     main()

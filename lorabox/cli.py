@@ -338,5 +338,46 @@ def meta_cmd(file, sets, unset, strip_private, from_training, no_fill, output, d
                f"AutoV2 {h['autov2']}, AutoV3 {h['autov3']}")
 
 
+@main.command("card")
+@click.argument("file", type=click.Path())
+@click.option("--repo-id", required=True, metavar="OWNER/NAME", help="The Hugging Face repository it will live in.")
+@click.option("--base-model", default=None, metavar="OWNER/NAME", help="Base model id (default: from the architecture).")
+@click.option("--trigger", default=None, help="Trigger words (default: modelspec.trigger_phrase or ss_tag_frequency).")
+@click.option("--license", "license_", default=None, help="License id, e.g. apache-2.0 or other (default: the base's).")
+@click.option("--license-name", default=None, help="Name of an `other` license.")
+@click.option("--license-link", default=None, help="Link to an `other` license.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Folder for README.md (default: FILE's folder).")
+@click.option("--widget-image", "widget_images", multiple=True, type=click.Path(),
+              help="A sample image inside the folder, shown on the model page (repeat for several).")
+@arch_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing README.md.")
+@json_option
+def card_cmd(file, repo_id, base_model, trigger, license_, license_name, license_link, output, widget_images, arch,
+             overwrite, as_json):
+    """Write a Hugging Face model card (README.md) for a LoRA, then check the folder as the Hub and diffusers see it.
+
+    The front matter says base_model, base_model_relation: adapter, library_name: diffusers, license, tags
+    and instance_prompt; the body has diffusers and ComfyUI usage and the file's hashes.
+
+    \b
+    Example:
+      lorabox card my_flux_lora.safetensors --repo-id me/my-flux-lora --trigger ohwx
+      lorabox card style.safetensors --repo-id me/style --widget-image samples/1.png -o .
+    """
+    from .publish.card import make_card
+
+    result = make_card(file, repo_id, base_model=base_model, trigger=trigger, license=license_,
+                       license_name=license_name, license_link=license_link, out_dir=output,
+                       widget_images=widget_images, arch=arch, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"{result.readme}: base_model {result.front_matter['base_model']}, license {result.front_matter['license']}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for f in result.findings:
+        click.echo(f"{f.level}: {f.message}", err=f.level != "info")
+
+
 if __name__ == "__main__":
     main()

@@ -145,8 +145,11 @@ def check_repo_folder(folder: str | os.PathLike) -> list[Finding]:
     out: list[Finding] = []
     candidates = weight_candidates(folder)
     if not candidates:
+        skipped = sorted(p.name for p in folder.glob("*.safetensors"))
+        crash = (f" diffusers 0.42.1's load_lora_weights(repo) fails with IndexError on such a folder "
+                 f"(it skipped {', '.join(skipped)})." if skipped else "")
         out.append(Finding("error", "no-weights", "no .safetensors weight file diffusers would load "
-                           "(files named *scheduler*, *optimizer*, *checkpoint* are skipped)."))
+                           "(files named *scheduler*, *optimizer*, *checkpoint* are skipped)." + crash))
     elif len(candidates) > 1:
         out.append(Finding("error", "several-weights", f"{len(candidates)} weight files ({', '.join(candidates)}): "
                            f"`load_lora_weights(repo)` takes whichever is listed first. Keep one, or name the one "

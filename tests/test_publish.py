@@ -183,6 +183,20 @@ def test_meta_architecture_ids(name, arch_id):
     assert edit_metadata(path, write=False).metadata["modelspec.architecture"] == arch_id
 
 
+def test_meta_warns_when_the_metadata_contradicts_the_tensors(flux_file):
+    write_tensors(flux_file, *_tensors_and(flux_file, {"ss_base_model_version": "sdxl_base_v1-0"}))
+    res = edit_metadata(flux_file, write=False)
+    assert res.warnings == ["ss_base_model_version says sdxl_base_v1-0, the keys and shapes say flux1 (flux1)"]
+    assert res.metadata["ss_base_model_version"] == "sdxl_base_v1-0"  # reported, never silently replaced
+
+
+def _tensors_and(path, metadata):
+    from lorabox.io.safetensors import read_tensors
+
+    tensors, _ = read_tensors(path)
+    return {k: Tensor(np.array(t.array), t.dtype) for k, t in tensors.items()}, metadata
+
+
 def test_meta_in_place_is_atomic_and_keeps_the_mode(flux_file):
     os.chmod(flux_file, 0o640)
     before = payload(flux_file)
@@ -301,6 +315,9 @@ def test_card_front_matter_read_by_the_hub_parser(repo):
     assert 'load_lora_weights("me/my-flux-lora", weight_name="my_flux_lora.safetensors")' in card.text
     assert file_hashes(weight)["sha256"] in card.text
     assert [f.code for f in res.findings] == ["weight"]
+    # a metadata edit after the card makes its hash table stale
+    edit_metadata(weight, sets=["modelspec.author=me"])
+    assert [f.code for f in check_repo_folder(folder)] == ["weight", "stale-hash"]
 
 
 @pytest.mark.parametrize("name,base,license_", [("sdxl_kohya_sgm", "stabilityai/stable-diffusion-xl-base-1.0", "openrail++"),

@@ -100,12 +100,26 @@ def _parse_yaml(text: str):
     return yaml.safe_load(text)
 
 
-def _card_findings(folder: Path) -> list[Finding]:
+def _stale_hashes(folder: Path, text: str, weights: list[str]) -> list[Finding]:
+    """A card's hash table (as `lorabox card` writes it) that no longer matches the file: the metadata was
+    edited after the card was written."""
+    out = []
+    for name in weights:
+        listed = {h.upper() for h in re.findall(rf"\|\s*{re.escape(name)}\s*\|\s*`([0-9A-Fa-f]{{64}})`", text)}
+        if listed and (actual := file_hashes(folder / name)["sha256"]) not in listed:
+            out.append(Finding("warning", "stale-hash", f"README.md lists SHA256 {min(listed)} for {name}, but the "
+                               f"file hashes to {actual} (changed after the card was written): run "
+                               f"`lorabox card --overwrite` again."))
+    return out
+
+
+def _card_findings(folder: Path, weights: list[str]) -> list[Finding]:
     readme = folder / "README.md"
     if not readme.exists():
         return [Finding("error", "no-readme", "README.md is missing: the Hub shows no card, no base model, no license. "
                         "Write one with `lorabox card`.")]
-    yaml_text, _ = split_front_matter(readme.read_text(encoding="utf-8", errors="replace"))
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    yaml_text, _ = split_front_matter(text)
     if yaml_text is None:
         return [Finding("error", "no-front-matter", "README.md has no YAML front matter (--- ... ---): the Hub "
                         "cannot tell the base model, license or that this is a LoRA.")]
@@ -117,7 +131,7 @@ def _card_findings(folder: Path) -> list[Finding]:
         return [Finding("error", "bad-yaml", f"README.md front matter is not valid YAML: {exc}".splitlines()[0])]
     if not isinstance(data, dict):
         return [Finding("error", "bad-yaml", "README.md front matter is not a YAML mapping.")]
-    out = []
+    out = _stale_hashes(folder, text, weights)
     for key in ("base_model", "license"):
         if not data.get(key):
             out.append(Finding("warning", f"no-{key.replace('_', '-')}", f"front matter has no `{key}`."))
@@ -162,7 +176,7 @@ def check_repo_folder(folder: str | os.PathLike) -> list[Finding]:
     if pickles:
         out.append(Finding("error", "pickle", f"pickle files can run code when loaded: {', '.join(pickles)}. "
                            "Publish .safetensors only."))
-    return out + _card_findings(folder)
+    return out + _card_findings(folder, candidates)
 
 
 # --- writing a card -------------------------------------------------------------------------------------------

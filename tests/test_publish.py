@@ -332,6 +332,17 @@ def test_card_defaults_per_architecture(tmp_path, name, base, license_):
     assert "instance_prompt" not in res.front_matter
 
 
+def test_card_warns_when_diffusers_cannot_load_the_spelling(tmp_path):
+    res = convert(random_lora("sdxl", every=10), "comfyui")
+    path = tmp_path / "comfy.safetensors"
+    write_tensors(path, res.tensors, res.metadata)
+    got = make_card(path, "me/x", write=False)
+    assert any("lorabox convert --to kohya" in w for w in got.warnings), got.warnings
+    res = convert(random_lora("sdxl", every=10), "kohya")
+    write_tensors(path, res.tensors, res.metadata)
+    assert make_card(path, "me/x", write=False).warnings == []
+
+
 def test_card_refusals(repo, tmp_path):
     folder, weight = repo
     with pytest.raises(LoraboxError, match="license-name"):
@@ -427,6 +438,16 @@ def test_cli_set_without_equals_and_hash_missing(flux_file):
     assert_one_line_error(run("meta", flux_file, "--set", "novalue"), "--set novalue", "KEY=VALUE")
     assert flux_file.read_bytes() == before
     assert_one_line_error(run("hash", flux_file.parent / "nope.safetensors"), "no such file")
+
+
+def test_meta_card_and_hash_do_not_import_torch(flux_file, tmp_path):
+    code = ("import sys\nfrom lorabox.publish.meta import edit_metadata\nfrom lorabox.publish.card import make_card\n"
+            f"edit_metadata({str(flux_file)!r}, sets=['modelspec.author=me'])\n"
+            f"make_card({str(flux_file)!r}, 'me/x')\n"
+            "print('HEAVY', [m for m in ('torch', 'diffusers', 'huggingface_hub') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert (flux_file.parent / "README.md").exists()
 
 
 def test_cli_meta_show_writes_nothing(flux_file):

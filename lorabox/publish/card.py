@@ -58,6 +58,8 @@ BASES = {
     "flux-2-klein-9b": Base("black-forest-labs/FLUX.2-klein-9B", ("flux2",), None),
 }
 BASE_TAGS = ("text-to-image", "lora", "diffusers", "template:sd-lora")
+# (architecture, dialect) pairs diffusers 0.42.1's load_lora_weights refuses (pinned by tests/test_diffusers_peer.py)
+DIFFUSERS_CANNOT_READ = {("sd15", "comfyui"), ("sdxl", "comfyui")}
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,10 @@ def make_card(path: str | os.PathLike, repo_id: str, *, base_model: str | None =
     if lic.id == "other" and not (lic.name and lic.link):
         raise LoraboxError("--license other needs --license-name and --license-link.",
                            hint="For example --license-name my-license --license-link https://example.com/LICENSE.")
+    if facts and any((facts["architecture"], d.split(" ")[0]) in DIFFUSERS_CANNOT_READ
+                     for d in facts["dialect"].split(", ")):
+        warnings.append(f"diffusers cannot load {facts['dialect']} key names for {facts['architecture']}, so the "
+                        f"card's diffusers snippet would fail: `lorabox convert --to kohya` first.")
     trigger = trigger or _trigger(metadata)
     record = from_training_record(metadata)
     title = metadata.get("modelspec.title") or record.get("modelspec.title") or path.stem

@@ -119,11 +119,12 @@ def _iso_date(timestamp: str) -> str | None:
 
 
 def from_training_record(metadata: dict[str, str]) -> dict[str, str]:
-    """modelspec fields a kohya/ai-toolkit training record (ss_*) already holds: title (ss_output_name),
+    """modelspec fields a kohya/ai-toolkit training record (ss_*) already holds: title (ss_output_name, `name`),
     date (ss_training_started_at), trigger_phrase (ss_tag_frequency), resolution, prediction_type, description."""
     out: dict[str, str] = {}
-    if metadata.get("ss_output_name"):
-        out["modelspec.title"] = metadata["ss_output_name"]
+    title = metadata.get("ss_output_name") or metadata.get("name")  # kohya's run name, ai-toolkit's job name
+    if title:
+        out["modelspec.title"] = title
     if (date := _iso_date(metadata.get("ss_training_started_at", ""))) is not None:
         out["modelspec.date"] = date
     tags = _json(metadata, "ss_tag_frequency")

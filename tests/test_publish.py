@@ -242,7 +242,8 @@ PRIVATE = {
     "ss_vae_name": "C:\\Users\\Bob\\vae\\ae.safetensors",
     "ss_dataset_dirs": json.dumps({"10_alice": {"n_repeats": 10, "img_count": 20}}),
     "ss_datasets": json.dumps([{"subsets": [{"image_dir": "/Users/carol/data/10_x", "num_repeats": 10}]}]),
-    "ss_training_comment": "made by dave@example.com from ~/loras/x",
+    "ss_training_comment": "made by dave@example.com from ~/loras/x and C:\\Users\\Eve Doe\\data\\set1, ok",
+    "ss_output_name": "lora@epoch10.safetensors",
     "modelspec.implementation": "https://github.com/black-forest-labs/flux",
     "modelspec.architecture": "flux-1-dev/lora",
     "ss_network_args": json.dumps({"conv_dim": "4", "rank_dropout": "0.1"}),
@@ -255,9 +256,12 @@ def test_find_private():
     assert {i.key for i in items} == {"ss_sd_model_name", "ss_vae_name", "ss_dataset_dirs", "ss_datasets",
                                       "ss_training_comment"}
     reasons = " ".join(i.reason for i in items)
-    for user in ("'alice'", "'Bob'", "'carol'"):
+    for user in ("'alice'", "'Bob'", "'carol'", "'Eve Doe'"):
         assert user in reasons
     assert "e-mail address" in reasons
+    # a Hub repo id names no folder; a relative path with folders keeps only its file name
+    assert find_private({"ss_sd_model_name": "black-forest-labs/FLUX.1-dev"}) == []
+    assert find_private({"ss_sd_model_name": "models/Stable-diffusion/x.safetensors"})[0].suggestion == "x.safetensors"
 
 
 def test_strip_private_redacts_and_keeps_what_is_useful():
@@ -265,7 +269,8 @@ def test_strip_private_redacts_and_keeps_what_is_useful():
     assert new["ss_sd_model_name"] == "flux1-dev.safetensors" and new["ss_vae_name"] == "ae.safetensors"
     assert "ss_dataset_dirs" not in new
     assert json.loads(new["ss_datasets"]) == [{"subsets": [{"image_dir": "10_x", "num_repeats": 10}]}]
-    assert "@" not in new["ss_training_comment"] and "~" not in new["ss_training_comment"]
+    assert new["ss_training_comment"] == "made by [e-mail removed] from x and set1, ok"
+    assert new["ss_output_name"] == PRIVATE["ss_output_name"]  # a file name with @ is not an e-mail
     for key in ("modelspec.implementation", "modelspec.architecture", "ss_network_args", "ss_base_model_version"):
         assert new[key] == PRIVATE[key]
     assert find_private(new) == []
@@ -281,7 +286,7 @@ def test_meta_strip_private_leaves_no_trace_in_the_file(tmp_path):
     report = json.loads(proc.stdout)
     assert report["written"] and {p["key"] for p in report["private_removed"]} >= {"ss_sd_model_name"}
     raw = src.read_bytes()[:8 + struct.unpack("<Q", src.read_bytes()[:8])[0]]
-    for secret in (b"alice", b"Bob", b"carol", b"dave@", b"/home/", b"10_alice"):
+    for secret in (b"alice", b"Bob", b"carol", b"dave@", b"/home/", b"10_alice", b"Eve", b"Doe"):
         assert secret not in raw
 
 

@@ -241,5 +241,165 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
                    err=True)
 
 
+@main.command("hash")
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@json_option
+def hash_cmd(files, as_json):
+    """Print the hashes CivitAI and the web UIs identify a file by: SHA256, AutoV1, AutoV2, AutoV3, CRC32.
+
+    AutoV3 (and kohya's sshs_model_hash) cover only the tensor bytes, so they survive metadata edits;
+    the others change with every header write: hash after the last one.
+
+    \b
+    Example:
+      lorabox hash my_lora.safetensors
+      lorabox hash *.safetensors --json
+    """
+    from tqdm import tqdm
+
+    from .publish.hashes import file_hashes
+
+    results = []
+    for file in files:
+        bar = None
+
+        def progress(done, total):  # the bar appears once reading starts, not before the file is checked
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="hash", disable=as_json, leave=False)
+            bar.update(done - bar.n)
+
+        try:
+            results.append({"file": file, **file_hashes(file, progress=progress)})
+        finally:
+            if bar is not None:
+                bar.close()
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    labels = {"sha256": "SHA256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": "AutoV3",
+              "sshs_model_hash": "sshs_model_hash", "crc32": "CRC32", "crc32_civitai": "CRC32 (CivitAI)"}
+    for r in results:
+        click.echo(r["file"])
+        for key, label in labels.items():
+            click.echo(f"  {label:16s} {r[key] if r[key] is not None else '-'}")
+
+
+@main.command("meta")
+@click.argument("file", type=click.Path())
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Set a metadata key (repeat for several).")
+@click.option("--unset", multiple=True, metavar="KEY", help="Remove a metadata key.")
+@click.option("--strip-private", is_flag=True, help="Redact absolute paths, user names, e-mails, ss_dataset_dirs.")
+@click.option("--from-training", is_flag=True,
+              help="Fill modelspec title/date/trigger/resolution from the kohya/ai-toolkit ss_* training record.")
+@click.option("--no-fill", is_flag=True, help="Do not fill missing modelspec and ss_network_* keys from the tensors.")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Write here instead of replacing FILE (FILE is otherwise replaced atomically).")
+@click.option("--dry-run", is_flag=True, help="Show the changes, write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file (never an input).")
+@arch_option
+@json_option
+def meta_cmd(file, sets, unset, strip_private, from_training, no_fill, output, dry_run, overwrite, arch, as_json):
+    """Show or rewrite a LoRA's header metadata (ModelSpec 1.0.1, kohya ss_*), leaving the tensor bytes as they are.
+
+    With no edit option it only shows the metadata. Any edit also fills the missing ModelSpec keys
+    (architecture from the keys and shapes, implementation, title, date, hash_sha256 of the tensor bytes) and
+    ss_network_dim/alpha/module and ss_base_model_version, unless --no-fill. AutoV3 stays the same;
+    SHA256/AutoV2 change: they are printed after the write.
+
+    \b
+    Example:
+      lorabox meta my_lora.safetensors
+      lorabox meta my_lora.safetensors --from-training --strip-private --set modelspec.author=me
+      lorabox meta my_lora.safetensors --set modelspec.trigger_phrase=ohwx -o published.safetensors
+    """
+    from .publish.meta import edit_metadata, show_metadata
+
+    if not (sets or unset or strip_private or from_training or output or dry_run):
+        info = show_metadata(file)
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        click.echo(info["file"])
+        for k, v in info["metadata"].items():
+            click.echo(f"  {k} = {v if len(v) <= 120 else v[:117] + '...'}")
+        if info["modelspec_missing"]:
+            click.echo(f"  missing ModelSpec keys: {', '.join(info['modelspec_missing'])}")
+        return
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done, total):  # the bar appears once copying starts, not before the inputs are checked
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="meta", disable=as_json, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        result = edit_metadata(file, sets=sets, unset=unset, strip=strip_private, from_training=from_training,
+                               fill=not no_fill, output=output, overwrite=overwrite, write=not dry_run, arch=arch,
+                               progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    for c in result.changes:
+        old = "(new)" if c["old"] is None else c["old"][:60]
+        new = "(removed)" if c["new"] is None else c["new"][:80]
+        click.echo(f"  {c['key']}: {old} -> {new}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if result.output is None:
+        click.echo(f"{file}: {len(result.changes)} change(s); dry run, nothing written")
+        return
+    h = result.hashes
+    click.echo(f"{result.output}: {len(result.changes)} change(s) written; SHA256 {h['sha256']}, "
+               f"AutoV2 {h['autov2']}, AutoV3 {h['autov3']}")
+
+
+@main.command("card")
+@click.argument("file", type=click.Path())
+@click.option("--repo-id", required=True, metavar="OWNER/NAME", help="The Hugging Face repository it will live in.")
+@click.option("--base-model", default=None, metavar="OWNER/NAME", help="Base model id (default: from the architecture).")
+@click.option("--trigger", default=None, help="Trigger words (default: modelspec.trigger_phrase or ss_tag_frequency).")
+@click.option("--license", "license_", default=None, help="License id, e.g. apache-2.0 or other (default: the base's).")
+@click.option("--license-name", default=None, help="Name of an `other` license.")
+@click.option("--license-link", default=None, help="Link to an `other` license.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Folder for README.md (default: FILE's folder).")
+@click.option("--widget-image", "widget_images", multiple=True, type=click.Path(),
+              help="A sample image inside the folder, shown on the model page (repeat for several).")
+@arch_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing README.md.")
+@json_option
+def card_cmd(file, repo_id, base_model, trigger, license_, license_name, license_link, output, widget_images, arch,
+             overwrite, as_json):
+    """Write a Hugging Face model card (README.md) for a LoRA, then check the folder as the Hub and diffusers see it.
+
+    The front matter says base_model, base_model_relation: adapter, library_name: diffusers, license, tags
+    and instance_prompt; the body has diffusers and ComfyUI usage and the file's hashes.
+
+    \b
+    Example:
+      lorabox card my_flux_lora.safetensors --repo-id me/my-flux-lora --trigger ohwx
+      lorabox card style.safetensors --repo-id me/style --widget-image samples/1.png -o .
+    """
+    from .publish.card import make_card
+
+    result = make_card(file, repo_id, base_model=base_model, trigger=trigger, license=license_,
+                       license_name=license_name, license_link=license_link, out_dir=output,
+                       widget_images=widget_images, arch=arch, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"{result.readme}: base_model {result.front_matter['base_model']}, license {result.front_matter['license']}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for f in result.findings:
+        click.echo(f"{f.level}: {f.message}", err=f.level != "info")
+
+
 if __name__ == "__main__":
     main()

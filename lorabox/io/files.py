@@ -16,11 +16,14 @@ def temporary_beside(path: Path) -> Path:
     return Path(tmp)
 
 
-def commit(tmp: Path, path: Path) -> None:
-    """Give the finished temporary file the mode `open` would have (mkstemp makes 0600) and move it in place."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
+def commit(tmp: Path, path: Path, *, mode: int | None = None) -> None:
+    """Give the finished temporary file the mode `open` would have (mkstemp makes 0600), or `mode` (the old
+    file's, when a file is replaced in place), and move it in place."""
+    if mode is None:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = 0o666 & ~mask
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 

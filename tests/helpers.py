@@ -89,20 +89,22 @@ def to_torch(sd):
     return out
 
 
-def lora_of_shapes(arch_name: str, shapes: dict[str, tuple[int, int]], *, rank=1, every=1, seed=0, dtype="BF16",
+def lora_of_shapes(arch_name: str, shapes: dict[str, tuple[int, ...]], *, rank=1, every=1, seed=0, dtype="BF16",
                    alpha=1.0, slices=False) -> Lora:
-    """A denoiser LoRA on every `every`-th module of `shapes` (canonical name -> (rows, cols) of the whole weight,
-    e.g. the real full-size widths), so that detection sees the shapes a real file has. Small ranks keep it small."""
+    """A denoiser LoRA on every `every`-th module of `shapes` (canonical name -> shape of the whole weight: (rows,
+    cols), or (rows, in, kh, kw) for a conv; e.g. the real full-size widths), so that detection and the peers see the
+    shapes a real file has. Small ranks keep it small."""
     rng = np.random.default_rng(seed)
     table = load_architecture(arch_name).unet.table
     lora = Lora(arch_name)
-    for i, (name, (rows, cols)) in enumerate(sorted(shapes.items())):
+    for i, (name, (rows, *inner)) in enumerate(sorted(shapes.items())):
         if i % every:
             continue
         module = table.modules[name]
         parts = module.split if (slices and module.split) else None
+        kernel = (1, 1) if len(inner) == 3 else ()
         for part, share in enumerate(parts or [1]):
             part_rows = rows * share // sum(parts) if parts else rows
-            t = {"down": rand(rng, (rank, cols), dtype), "up": rand(rng, (part_rows, rank), dtype)}
+            t = {"down": rand(rng, (rank, *inner), dtype), "up": rand(rng, (part_rows, rank, *kernel), dtype)}
             lora.add(Adapter("unet", name, part if parts else None, t, Tensor.scalar(alpha)))
     return lora

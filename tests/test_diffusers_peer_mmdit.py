@@ -19,21 +19,21 @@ from tests.helpers import effective_deltas, lora_of_shapes, to_torch
 from tests.oracles import tiny_models
 from tests.oracles.diffusers_oracle import DiffusersOracleError, base_weights, fused_weights
 
-TINY = {"flux2": tiny_models.tiny_flux2}
+TINY = {"flux2": tiny_models.tiny_flux2, "sd3": tiny_models.tiny_sd3}
 # modules diffusers' kohya reader for the architecture has no entry for (KNOWN_DIFFUSERS_BUGS)
 KOHYA_UNREAD = {"flux2": ("guidance_in.", "double_stream_modulation_", "single_stream_modulation.",
                           "final_layer.adaLN_modulation.1")}
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_shapes(arch: str) -> dict[str, tuple[int, int]]:
-    """Canonical module -> (rows, cols) in the tiny diffusers model (the table names every Linear of it)."""
-    real = {n: m for n, m in TINY[arch]().named_modules() if isinstance(m, torch.nn.Linear)}
+def tiny_shapes(arch: str) -> dict[str, tuple[int, ...]]:
+    """Canonical module -> shape of the whole weight in the tiny diffusers model (the table names every layer of it)."""
+    real = {n: m for n, m in TINY[arch]().named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     table = load_architecture(arch).unet.table
     out = {}
     for name, m in table.modules.items():
         if all(d in real for d in m.diffusers):
-            out[name] = (sum(real[d].out_features for d in m.diffusers), real[m.diffusers[0]].in_features)
+            out[name] = (sum(real[d].weight.shape[0] for d in m.diffusers), *real[m.diffusers[0]].weight.shape[1:])
     assert {d for n in out for d in table.modules[n].diffusers} == set(real)
     return out
 
@@ -78,7 +78,7 @@ def write(lora, dialect, path):
     return path
 
 
-CASES = [("flux2", "diffusers"), ("flux2", "kohya")]
+CASES = [("flux2", "diffusers"), ("flux2", "kohya"), ("sd3", "diffusers")]
 
 
 @pytest.mark.parametrize("arch,dialect", CASES, ids=[f"{a}-{d}" for a, d in CASES])
@@ -89,7 +89,7 @@ def test_diffusers_fuses_lorabox_output_as_lorabox_says(tmp_path, arch, dialect)
 
 
 def test_flux2_kohya_modulation_and_final_adaln_are_dropped_by_diffusers(tmp_path):
-    """KNOWN_DIFFUSERS_BUGS['flux2_kohya_drops_modulation'], pinned: if diffusers learns these keys, drop KOHYA_UNREAD."""
+    """KNOWN_DIFFUSERS_BUGS['flux2_kohya_drops_modulation'], pinned: if diffusers reads them, empty KOHYA_UNREAD."""
     lora = lora_for("flux2", skip=("double_blocks.", "single_blocks."))
     with pytest.raises(DiffusersOracleError, match="Unsupported keys"):
         fused_weights("flux2", write(lora, "kohya", tmp_path / "k.safetensors"))
@@ -127,3 +127,11 @@ def test_flux2_ai_toolkit_spelling_is_read_by_lorabox_and_diffusers_misses_only_
             swapped = delta[ROW_OPS["swap_halves"][0](delta.shape[0])]
             assert np.abs(got - swapped).max() <= 1e-5 * max(1.0, np.abs(delta).max()), key
     assert wrong == ["transformer.norm_out.linear.weight"]
+
+
+@pytest.mark.parametrize("dialect", ["kohya", "comfyui"])
+def test_sd3_reads_only_the_peft_spelling(tmp_path, dialect):
+    """KNOWN_DIFFUSERS_BUGS['sd3_only_peft_spelling'], pinned: diffusers 0.42.1 has no SD3 converter at all."""
+    lora = lora_for("sd3")
+    with pytest.raises(DiffusersOracleError, match="silently dropped|No LoRA keys|Invalid LoRA checkpoint"):
+        fused_weights("sd3", write(lora, dialect, tmp_path / f"{dialect}.safetensors"))

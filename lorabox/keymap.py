@@ -3,6 +3,11 @@
 A table lists, per architecture, every weight a LoRA may target: its canonical (original checkpoint) name,
 its diffusers name(s), how a canonical weight splits into several diffusers weights, and named row
 transforms. Templates are expanded from small integer expressions (`3*l + j + 1`, `range(depth[l])`).
+A table may list `[variants.<name>]` (sizes of one model family sharing the names, e.g. FLUX.2 dev / Klein): each
+variant overrides `vars` (block counts; a group whose `for` range is empty is absent from it) and `dims`, and the
+table itself is expanded with the top-level `vars`, which must span every variant. A table with `extends = "<other>"`
+takes every top-level key of the other table that it does not set itself (a size that cannot be a variant because
+some module differs, e.g. SD3.5 Large's block 23).
 Nothing here knows any particular architecture.
 """
 from __future__ import annotations
@@ -63,12 +68,24 @@ class BaseName:
     part: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One size of a model family that shares a table: its own block counts (so its own module set) and widths."""
+
+    name: str
+    title: str
+    modelspec: str | None
+    dims: dict[str, int]
+    modules: frozenset[str] = field(repr=False)  # canonical names that exist in this variant
+
+
 @dataclass
 class Table:
     name: str
     title: str
     dims: dict[str, int]
     fingerprints: list[dict]
+    variants: dict[str, Variant] = field(default_factory=dict)
     modules: dict[str, Module] = field(default_factory=dict)
     # other spellings of base checkpoints (merge only): name -> [BaseName], e.g. OpenCLIP inside SDXL files
     spellings: dict[str, list["BaseName"]] = field(default_factory=dict)
@@ -181,15 +198,8 @@ def _add_spelling(table: Table, name: str, hit: Hit):
             index[key] = hit
 
 
-@functools.lru_cache(maxsize=None)
-def load_table(name: str) -> Table:
-    path = key_maps_dir() / f"{name}.toml"
-    if not path.is_file():
-        raise KeyMapError(f"no key map {path.name} in {path.parent}")
-    data = tomllib.loads(path.read_text())
-    consts = dict(data.get("vars", {}))
-    table = Table(data["architecture"], data.get("title", name), dict(data.get("dims", {})),
-                  list(data.get("fingerprints", [])))
+def _expand(data: dict, consts: dict):
+    """(module, read-only alias names) for every entry of every group, expanded with `consts`."""
     sets = data.get("sets", {})
     for group in data.get("group", []):
         entries = list(group.get("modules", []))
@@ -204,21 +214,56 @@ def load_table(name: str) -> Table:
                     _join(cpre, c.format(**env)), tuple(_join(dpre, x.format(**env)) for x in d), split, op,
                     tuple(_join(cpre, a.format(**env)) for a in aliases),
                 )
-                old = table.modules.get(module.canonical)
-                if old is not None:
-                    if old != module:
-                        raise KeyMapError(f"key map {name}: {module.canonical} defined twice, differently")
-                    continue
-                table.modules[module.canonical] = module
-                _add_spelling(table, module.canonical, Hit(module, None, "canonical"))
-                for part, dname in enumerate(module.diffusers):
-                    _add_spelling(table, dname, Hit(module, part if module.split else None, "diffusers"))
-                for alias in module.aliases:
-                    _add_spelling(table, alias, Hit(module, None, "alias"))
-                for apre in alias_pres:  # another spelling of the whole group prefix, read only
-                    _add_spelling(table, _join(apre, c.format(**env)), Hit(module, None, "alias"))
-    for group in data.get("spelling", []):
-        names = table.spellings.setdefault(group["name"], [])
+                yield module, [_join(apre, c.format(**env)) for apre in alias_pres]
+
+
+def fingerprint_width(fp: dict, dims: dict[str, int]) -> int:
+    """The width a fingerprint expects: a dim name or an expression of dims (`9*hidden`)."""
+    return _eval(fp["dim"], dims)
+
+
+@functools.lru_cache(maxsize=None)
+def read_table_data(name: str) -> dict:
+    """A table file's data, with the keys it leaves out taken from the table it `extends`."""
+    path = key_maps_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise KeyMapError(f"no key map {path.name} in {path.parent}")
+    data = tomllib.loads(path.read_text())
+    base = data.pop("extends", None)
+    return {**read_table_data(base), **data} if base else data
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(name: str) -> Table:
+    data = read_table_data(name)
+    consts = dict(data.get("vars", {}))
+    table = Table(data["architecture"], data.get("title", name), dict(data.get("dims", {})),
+                  list(data.get("fingerprints", [])))
+    for module, alias_names in _expand(data, consts):
+        old = table.modules.get(module.canonical)
+        if old is not None:
+            if old != module:
+                raise KeyMapError(f"key map {name}: {module.canonical} defined twice, differently")
+            continue
+        table.modules[module.canonical] = module
+        _add_spelling(table, module.canonical, Hit(module, None, "canonical"))
+        for part, dname in enumerate(module.diffusers):
+            _add_spelling(table, dname, Hit(module, part if module.split else None, "diffusers"))
+        for alias in module.aliases:
+            _add_spelling(table, alias, Hit(module, None, "alias"))
+        for alias in alias_names:  # another spelling of the whole group prefix, read only
+            _add_spelling(table, alias, Hit(module, None, "alias"))
+    for vname, spec in data.get("variants", {}).items():
+        names = frozenset(m.canonical for m, _ in _expand(data, {**consts, **spec.get("vars", {})}))
+        if names - table.modules.keys():
+            raise KeyMapError(f"key map {name}: variant {vname} has modules beyond the table's `vars`: "
+                              f"{sorted(names - table.modules.keys())[:3]}")
+        dims = {**table.dims, **spec.get("dims", {})}
+        for fp in table.fingerprints:
+            fingerprint_width(fp, dims)  # every fingerprint must be computable for every variant
+        table.variants[vname] = Variant(vname, spec.get("title", vname), spec.get("modelspec"), dims, names)
+    for group in data.get("spelling", []):  # other spellings of base checkpoints (merge only)
+        spelled = table.spellings.setdefault(group["name"], [])
         for env in _assignments(group, consts):
             cpre, bpre = group["canonical"].format(**env), group["base"].format(**env)
             for raw in group["modules"]:
@@ -227,7 +272,7 @@ def load_table(name: str) -> Table:
                     raise KeyMapError(f"key map {name}: spelling {group['name']} names unknown module {canonical}")
                 weight = _join(bpre, raw.get("weight", raw.get("b", "") + ".weight").format(**env))
                 bias = _join(bpre, raw.get("bias", raw.get("b", "") + ".bias").format(**env))
-                names.append(BaseName(canonical, weight, bias, tuple(raw["part"]) if "part" in raw else None))
+                spelled.append(BaseName(canonical, weight, bias, tuple(raw["part"]) if "part" in raw else None))
     return table
 
 
@@ -240,7 +285,7 @@ def architecture_names() -> list[str]:
     """Architectures with a denoiser table (text-encoder tables are reached through them)."""
     out = []
     for path in sorted(key_maps_dir().glob("*.toml")):
-        if path.stem != "dialects" and "[components.unet]" in path.read_text():
+        if path.stem != "dialects" and "unet" in read_table_data(path.stem).get("components", {}):
             out.append(path.stem)
     return out
 
@@ -249,7 +294,7 @@ def architecture_names() -> list[str]:
 def load_architecture(name: str) -> Architecture:
     if name not in architecture_names():
         raise UnknownArchitecture(f"unknown architecture {name!r}.", hint=f"Known: {', '.join(architecture_names())}.")
-    data = tomllib.loads((key_maps_dir() / f"{name}.toml").read_text())
+    data = read_table_data(name)
     components = {}
     for cname, spec in data["components"].items():
         table = load_table(spec.get("table", name))

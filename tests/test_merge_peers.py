@@ -97,3 +97,68 @@ def test_dora_merge_equals_peft(tmp_path):
         assert (have - want.double()).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), key
         touched += key.endswith(("to_q.weight", "proj_mlp.weight"))
     assert touched
+
+
+def _bfl_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A tiny FLUX.2 model's weights in BFL names: the table's canonical names with fused qkv and BFL's adaLN order,
+    the qk-norm scales as `.scale`. It is a BFL checkpoint because diffusers' own single-file converter turns it back
+    into exactly the model's state dict (asserted)."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from lorabox.keymap import load_table
+    from lorabox.ops import ROW_OPS
+
+    state = model.state_dict()
+    sd = {}
+    for m in load_table("flux2").modules.values():
+        if m.diffusers[0] + ".weight" not in state:
+            continue
+        w = torch.cat([state[d + ".weight"] for d in m.diffusers])
+        if m.op:  # diffusers' layout -> canonical: the inverse row op
+            w = w[torch.from_numpy(ROW_OPS[m.op][1](w.shape[0]))]
+        sd[m.canonical + ".weight"] = w.clone()
+    norms = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+             "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+    for key, value in state.items():
+        block, i, rest = (key.split(".", 2) + ["", ""])[:3]
+        name = rest.removesuffix(".weight")
+        if name in norms and block == "transformer_blocks":
+            sd[f"double_blocks.{i}.{norms[name]}.scale"] = value.clone()
+        elif name in norms and block == "single_transformer_blocks":
+            sd[f"single_blocks.{i}.{norms[name].split('_attn.')[1]}.scale"] = value.clone()
+    back = convert_flux2_transformer_checkpoint_to_diffusers(dict(sd))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    return sd
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_flux2_merge_equals_diffusers_fuse_lora(tmp_path, layout):
+    """lorabox merge into a tiny FLUX.2 base (BFL single file, or diffusers folder) equals diffusers' fuse_lora of the
+    same LoRA, compared in diffusers' names (the BFL output goes back through diffusers' single-file converter)."""
+    import safetensors.torch
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from tests.test_diffusers_peer_mmdit import lora_for, write
+
+    model = tiny_models.tiny_flux2()
+    if layout == "bfl":
+        base = tmp_path / "flux2-tiny.safetensors"
+        safetensors.torch.save_file(_bfl_checkpoint(model), base)
+        out = tmp_path / "merged.safetensors"
+    else:
+        base, out = tmp_path / "transformer", tmp_path / "merged"
+        model.save_pretrained(base, safe_serialization=True)
+    lora = write(lora_for("flux2"), "diffusers", tmp_path / "lora.safetensors")
+    report = merge(base, [(lora, 1.0)], out)
+    assert (report.architecture, report.layout) == ("flux2", layout)
+    got = safetensors.torch.load_file(out if layout == "bfl" else next(out.glob("*.safetensors")))
+    if layout == "bfl":
+        got = convert_flux2_transformer_checkpoint_to_diffusers(got)
+    ref, before = fused_weights("flux2", lora), base_weights("flux2")
+    assert {f"transformer.{k}" for k in got} == set(ref)
+    changed = 0
+    for key, have in got.items():
+        want = ref[f"transformer.{key}"]
+        assert (have.double() - want.double()).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), key
+        changed += not torch.equal(want, before[f"transformer.{key}"])
+    assert changed >= report.merged > 0  # a fused BFL qkv is one merged tensor, three diffusers ones

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import __version__
 from ..conversion import load_lora
-from ..errors import OutputError
+from ..errors import OutputError, UnknownArchitecture
 from ..io.files import pread_exact
 from ..io.safetensors import StreamWriter, same_file
 from ..tensor import Tensor, storage_dtype
@@ -57,6 +57,23 @@ def out_dtype(policy: str, dtype: str, ndim: int = 2) -> str:
     if target is None or dtype not in FLOATS or (target in FP8 and ndim < 2):
         return dtype
     return target
+
+
+def _load_for(path, base: BaseCheckpoint | None, arch: str | None):
+    """A LoRA whose keys fit several architectures (a CLIP-G-only LoRA: SDXL or SD3) is read as the base's."""
+    try:
+        return load_lora(path)
+    except UnknownArchitecture as exc:
+        tied = getattr(exc, "candidates", [])
+        if not tied:
+            raise
+        if arch is None and base is not None:
+            from .plan import detect_base
+
+            arch = detect_base(base)[0]
+        if arch not in tied:
+            raise
+        return load_lora(path, arch=arch)
 
 
 def _sha256(path: Path) -> str:
@@ -114,7 +131,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
                           f"safetensors checkpoint, not from {'a folder' if base and base.folder else 'GGUF'}.")
     compute = compute or make_compute(device)
     with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
-        read = [(load_lora(p), float(r)) for p, r in loras]
+        read = [(_load_for(p, base, arch), float(r)) for p, r in loras]
         record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
                   "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
                   "block_ratios": [[p, r] for p, r in block_ratios]}

@@ -24,6 +24,8 @@ SEED_WIDE_FLUX = 1504
 SEED_CLIP_L = 1505
 SEED_CLIP_G = 1506
 SEED_T5 = 1507
+SEED_FLUX2 = 1508
+SEED_SD3 = 1509
 
 # Text encoder widths.  CLIP-L and CLIP-G differ on purpose, so a mix-up between SDXL's encoders changes shapes.
 CLIP_L_HIDDEN = 32
@@ -82,6 +84,37 @@ FLUX_CONFIG = dict(
     pooled_projection_dim=CLIP_L_HIDDEN,
     guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
+)
+
+# FLUX.2 (dev topology: guidance embedder; Klein has none): two of each block kind, hidden 32.
+FLUX2_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    timestep_guidance_channels=16,
+    axes_dims_rope=(4, 4, 4, 4),
+    guidance_embeds=True,
+)
+
+# SD3.5 Medium topology (24 blocks, the last context-only, second attention in blocks 0-12), hidden 16.
+SD3_CONFIG = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=24,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    caption_projection_dim=16,
+    pooled_projection_dim=12,
+    pos_embed_max_size=8,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
 )
 
 WIDE_FLUX_CONFIG = dict(FLUX_CONFIG, num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24)
@@ -158,6 +191,20 @@ def tiny_flux():
 
     with _seeded(SEED_FLUX):
         return _finish(FluxTransformer2DModel(**FLUX_CONFIG))
+
+
+def tiny_flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    with _seeded(SEED_FLUX2):
+        return _finish(Flux2Transformer2DModel(**FLUX2_CONFIG))
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    with _seeded(SEED_SD3):
+        return _finish(SD3Transformer2DModel(**SD3_CONFIG))
 
 
 def wide_flux_single():
@@ -282,7 +329,25 @@ def flux_pipeline(wide: bool = False):
     )
 
 
-PIPELINES = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "flux1": flux_pipeline}
+def flux2_pipeline():
+    """FLUX.2's pipeline around the tiny transformer only (LoRA goes into the transformer alone)."""
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=tiny_flux2())
+
+
+def sd3_pipeline():
+    """SD3's pipeline with the tiny MMDiT and the two CLIPs its loader puts LoRA into (T5 gets none)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3(), scheduler=None, vae=None, text_encoder=tiny_clip_l(), tokenizer=None,
+        text_encoder_2=tiny_clip_g(), tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+PIPELINES = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "flux1": flux_pipeline, "flux2": flux2_pipeline,
+             "sd3": sd3_pipeline}
 
 
 def pipeline(arch: str, wide: bool = False):

@@ -5,6 +5,7 @@ shows the traceback instead.
 """
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -25,6 +26,10 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, LoraboxError):
         click.echo(f"lorabox: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        click.echo(f"lorabox: error: no space left on the device{f' ({exc.filename})' if exc.filename else ''}; "
+                   f"the partial output was removed. Free some space or write elsewhere with -o.", err=True)
+        sys.exit(2)
     if isinstance(exc, (OSError, MemoryError)):
         click.echo(f"lorabox: error: {exc}", err=True)
         sys.exit(2)

@@ -424,3 +424,30 @@ def test_sdxl_single_file_text_encoder_2_is_openclip_and_diffusers_agrees(tmp_pa
         assert torch.equal(after[key], want), key
     untouched = [k for k in before if k.endswith(("q_proj.bias", "layer_norm1.weight"))]
     assert untouched and all(torch.equal(after[k], before[k]) for k in untouched)
+
+
+def test_disk_full_mid_stream_removes_the_partial_output(tmp_path, monkeypatch):
+    """The space check passed, then the disk filled up while writing: one line, exit 2, no file left behind."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from lorabox.cli import main
+    from lorabox.io.safetensors import StreamWriter
+
+    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(20)))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", every=5, text_encoders=False), "kohya")
+    real_write, calls = StreamWriter.write, []
+
+    def write(self, name, t):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, t)
+
+    monkeypatch.setattr(StreamWriter, "write", write)
+    result = CliRunner().invoke(main, ["merge", str(tmp_path / "base.safetensors"), "--lora", str(lora),
+                                       "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2 and len(calls) == 5
+    assert "no space left on the device" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]

@@ -136,3 +136,22 @@ def test_sd35_large_and_medium_share_names_but_not_widths():
     medium = _only(full_shapes("sd3_medium", "sd3"), lambda k: k in large)
     tensors, _ = spelled(lora_of_shapes("sd3", medium, every=5), "comfyui")
     assert detect_architecture(tensors, {}) == "sd3"
+
+
+def test_inspect_names_the_variant_and_arch_settles_a_tie(tmp_path):
+    from click.testing import CliRunner
+
+    from lorabox.cli import main
+    from lorabox.io.safetensors import write_tensors
+    from lorabox.summary import inspect_file
+
+    attention = _only(full_shapes("flux2_klein_4b", "flux2"), lambda k: "_attn." in k)
+    path = tmp_path / "klein_attention.safetensors"
+    write_tensors(path, *spelled(lora_of_shapes("flux2", attention, every=3), "kohya"))
+    tied = CliRunner().invoke(main, ["inspect", str(path)])
+    assert tied.exit_code != 0 and "--arch" in tied.output
+    settled = CliRunner().invoke(main, ["inspect", "--arch", "flux2", str(path)])
+    assert settled.exit_code == 0, settled.output
+    assert "variant       flux2_klein_4b: FLUX.2 [klein] 4B" in settled.output
+    info = inspect_file(path, arch="flux2")
+    assert (info["variant"], info["size"]) == ("flux2_klein_4b", "published")

@@ -90,7 +90,8 @@ NAMED = {
     "sd3": {
         "lora_unet_joint_blocks_23_context_block_adaLN_modulation_1":
             "diffusion_model.joint_blocks.23.context_block.adaLN_modulation.1.weight",
-        "diffusion_model.joint_blocks.12.x_block.attn2.proj": "diffusion_model.joint_blocks.12.x_block.attn2.proj.weight",
+        "diffusion_model.joint_blocks.12.x_block.attn2.proj":
+            "diffusion_model.joint_blocks.12.x_block.attn2.proj.weight",
         "lora_te2_text_model_encoder_layers_0_mlp_fc1": "clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
     },
     "sd35_large": {

@@ -68,7 +68,7 @@ def _spelled(lora, dialect):
 
 
 FIXTURE_FILES = ["sd15_peft", "sd15_kohya_diffusers_names", "sdxl_peft", "sdxl_kohya_diffusers_names", "sdxl_kohya_sgm",
-                 "flux1_peft", "flux1_kohya_bfl", "flux1_kohya_bfl_linear1_wide"]
+                 "flux1_peft", "flux1_kohya_bfl", "flux1_kohya_bfl_linear1_wide", "flux2_peft", "sd3_peft"]
 
 
 @pytest.mark.parametrize("name", FIXTURE_FILES)

@@ -7,6 +7,7 @@ move it into the main test."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from lorabox.conversion import convert
 from lorabox.keymap import load_architecture
+from lorabox.lora import Lora
 from lorabox.ops import ROW_OPS
 from tests.helpers import effective_deltas, lora_of_shapes, to_torch
 from tests.oracles import tiny_models
@@ -135,3 +137,31 @@ def test_sd3_reads_only_the_peft_spelling(tmp_path, dialect):
     lora = lora_for("sd3")
     with pytest.raises(DiffusersOracleError, match="silently dropped|No LoRA keys|Invalid LoRA checkpoint"):
         fused_weights("sd3", write(lora, dialect, tmp_path / f"{dialect}.safetensors"))
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+@pytest.mark.parametrize("arch", ["flux2", "sd3"])
+def test_real_peft_files_read_as_diffusers_applies_them(tmp_path, arch):
+    """fixtures/<arch>_peft.safetensors (peft + save_lora_weights, lora_alpha 8 != r 4 in lora_adapter_metadata):
+    lorabox's reading of it is what diffusers fuses, and so is lorabox's diffusers-dialect rewrite of it."""
+    from lorabox.conversion import load_lora
+
+    src = FIXTURES / f"{arch}_peft.safetensors"
+    lora = load_lora(src)
+    assert lora.architecture == arch
+    unet_only = Lora(arch)
+    for a in lora.adapters.values():
+        if a.component == "unet":
+            unet_only.add(a)
+    ref = fused_weights(arch, src)
+    want = diffusers_deltas(unet_only)
+    base = base_weights(arch)
+    for key, delta in want.items():
+        got = (ref[key].double() - base[key].double()).numpy()
+        assert np.abs(got - delta).max() <= 1e-5 * max(1.0, np.abs(delta).max()), key
+    out = write(lora, "diffusers", tmp_path / "rewritten.safetensors")
+    again = fused_weights(arch, out)
+    for key in ref:
+        assert (again[key] - ref[key]).abs().max() <= 1e-5 * max(1.0, ref[key].abs().max().item()), key

@@ -136,3 +136,37 @@ def test_sd35_large_and_medium_share_names_but_not_widths():
     medium = _only(full_shapes("sd3_medium", "sd3"), lambda k: k in large)
     tensors, _ = spelled(lora_of_shapes("sd3", medium, every=5), "comfyui")
     assert detect_architecture(tensors, {}) == "sd3"
+
+
+def test_inspect_names_the_variant_and_arch_settles_a_tie(tmp_path):
+    from click.testing import CliRunner
+
+    from lorabox.cli import main
+    from lorabox.io.safetensors import write_tensors
+    from lorabox.summary import inspect_file
+
+    attention = _only(full_shapes("flux2_klein_4b", "flux2"), lambda k: "_attn." in k)
+    path = tmp_path / "klein_attention.safetensors"
+    write_tensors(path, *spelled(lora_of_shapes("flux2", attention, every=3), "kohya"))
+    tied = CliRunner().invoke(main, ["inspect", str(path)])
+    assert tied.exit_code != 0 and "--arch" in tied.output
+    settled = CliRunner().invoke(main, ["inspect", "--arch", "flux2", str(path)])
+    assert settled.exit_code == 0, settled.output
+    assert "variant       flux2_klein_4b: FLUX.2 [klein] 4B" in settled.output
+    info = inspect_file(path, arch="flux2")
+    assert (info["variant"], info["size"]) == ("flux2_klein_4b", "published")
+
+
+@pytest.mark.parametrize("model,arch,variant", MODELS, ids=[m[0] for m in MODELS])
+def test_base_architecture_from_its_weight_names(tmp_path, model, arch, variant):
+    """Every weight of a published model, under its original names (tiny shapes: only names count here): the base
+    is taken for the right table, though FLUX.2 Klein shares most names with FLUX.1 and SD3.5 Large with SD3."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lorabox.merge.plan import detect_base
+
+    table = load_architecture(arch).unet.table
+    names = table.variants[variant].modules if variant else set(full_shapes(model, arch))
+    save_file({f"{m}.weight": torch.zeros(2, 2) for m in names}, tmp_path / "base.safetensors")
+    assert detect_base(open_base(tmp_path / "base.safetensors"))[:2] == (arch, "bfl" if "flux" in arch else "bare")

@@ -155,6 +155,15 @@ FULL_FLUX1_DEV_CONFIG = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
+FULL_SD35_MEDIUM_CONFIG = dict(
+    num_layers=24,
+    num_attention_heads=24,
+    caption_projection_dim=1536,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
 
 @contextlib.contextmanager
 def _seeded(seed: int):
@@ -364,12 +373,14 @@ def pipeline(arch: str, wide: bool = False):
 @functools.cache
 def full_size_keys(arch: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the full-size published denoiser, built on the meta device (no memory, no weights)."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     cls, config = {
         "sd15": (UNet2DConditionModel, FULL_SD15_CONFIG),
         "sdxl": (UNet2DConditionModel, FULL_SDXL_CONFIG),
         "flux1": (FluxTransformer2DModel, FULL_FLUX1_DEV_CONFIG),
+        "flux2": (Flux2Transformer2DModel, {}),  # the class defaults are FLUX.2 dev's
+        "sd3": (SD3Transformer2DModel, FULL_SD35_MEDIUM_CONFIG),
     }[arch]
     with torch.device("meta"):
         model = cls(**config)

@@ -1,17 +1,23 @@
 """Benchmark `lorabox merge` on full-size synthetic checkpoints with the real key layout.
 
-Shapes come from diffusers' models built on the meta device (SDXL UNet fp16, FLUX.1-dev transformer bf16); the
-LoRA-targetable weights and biases are written under their canonical names (model.diffusion_model.<SGM> for SDXL,
-bare BFL names for Flux), everything else (norms, embeddings) under diffusers' names. A LoRA of the given rank on
-every targetable weight is merged; the script reports wall time, peak RSS of the merge process, and the ratio to a
-plain copy (`cp`) of the same file in the same run.
+Shapes come from diffusers' models built on the meta device (SDXL UNet fp16, FLUX.1-dev transformer bf16). The SDXL
+base is a UNet-only SGM single file: every tensor under `model.diffusion_model.<SGM name>`, the names given by
+diffusers' own single-file converter (the key set and shapes of sd-mecha's `sdxl-sgm` diffuser component). Flux
+writes the LoRA-targetable weights and biases under their bare BFL names, everything else (norms, embeddings) under
+diffusers' names. A kohya LoRA of the given rank on every targetable weight (`lora_unet_<SGM or BFL name, . -> _>`)
+is merged at 0.8; the script reports wall time, peak RSS of the merge process, and the ratio to a plain copy (`cp`)
+of the same file in the same run.
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench   # needs ~50 GB free
-    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + diffusers' fuse_lora, same folder base
+    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha and diffusers
+    .venv/bin/python scripts/bench_merge.py --model sdxl --peer --check --subset 'input_blocks\.4\.'   # quick
 
-With --peer (SDXL), the base is also written as a diffusers UNet folder and both lorabox and diffusers
-(scripts/peer_diffusers_merge.py: load_lora_weights, fuse_lora, save_pretrained) merge the same LoRA into it.
+With --peer (SDXL), sd-mecha (scripts/peer_sdmecha_merge.py: add_difference of the LoRA converted to `sdxl-sgm`)
+merges the same LoRA into the same single file; then the base is also written as a diffusers UNet folder and both
+lorabox and diffusers (scripts/peer_diffusers_merge.py: load_lora_weights, fuse_lora, save_pretrained) merge the
+same LoRA into it. --check compares sd-mecha's output with lorabox's (untimed). --subset REGEX keeps only the
+checkpoint keys (and LoRA modules) the regex finds, and skips the diffusers folder: a quick run for development.
 """
 from __future__ import annotations
 
@@ -81,8 +87,9 @@ def sgm_layout(unet, sd, dtype, prefix):
     keys = {prefix + names[k]: (shape, dtype) for k, shape in sd.items()}
     modules = {}
     for m in load_architecture("sdxl").unet.table.modules.values():
-        if prefix + m.canonical + ".weight" in keys:
-            modules[m.canonical] = keys[prefix + m.canonical + ".weight"][0]
+        if m.diffusers[0] + ".weight" in sd:
+            assert len(m.diffusers) == 1 and names[m.diffusers[0] + ".weight"] == m.canonical + ".weight", m
+            modules[m.canonical] = sd[m.diffusers[0] + ".weight"]
     return keys, modules
 
 
@@ -169,24 +176,27 @@ def main():
     t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
                         "--overwrite", "--json"])
     print(f"lorabox merge: {t_merge:.1f} s, peak RSS {rss:.2f} GiB, ratio to copy {t_merge / t_copy:.2f}")
+    if not args.check:
+        out.unlink()
     if args.peer and args.model == "sdxl":
-        peer_sdmecha(base, lora, out, d / "merged_sdmecha.safetensors", t_merge, rss, args.check)
-    out.unlink()
+        peer_sdmecha(base, lora, out if args.check else None, d / "merged_sdmecha.safetensors", t_merge, rss)
+    out.unlink(missing_ok=True)
     if args.peer and args.model == "sdxl" and not args.subset:
         peer_diffusers(d, lora)
     if os.environ.get("KEEP") != "1":
         shutil.rmtree(d)
 
 
-def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path, out: Path, t_lb: float, rss_lb: float, check: bool) -> None:
-    """sd-mecha (scripts/peer_sdmecha_merge.py) on the same single file, LoRA and ratio as the lorabox run above."""
+def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_lb: float, rss_lb: float) -> None:
+    """sd-mecha (scripts/peer_sdmecha_merge.py) on the same single file, LoRA and ratio as the lorabox run above;
+    with `lorabox_out`, its output is compared with lorabox's (after the timing)."""
     from scripts.peer_sdmecha_merge import compare
 
     t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / "peer_sdmecha_merge.py"), str(base), str(lora), "0.8",
                             str(out)])
     print(f"single file: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), sd-mecha add_difference+merge (float32, "
           f"fp16 out) {t_peer:.1f} s ({rss_peer:.2f} GiB): ratio lorabox/sd-mecha {t_lb / t_peer:.2f}")
-    if check:
+    if lorabox_out is not None:
         r = compare(str(out), str(lorabox_out))
         print(f"sd-mecha vs lorabox: {r['common']} common tensors, bit-identical {r['identical'] / r['elements']:.6f}, "
               f"max abs diff {r['max_abs_diff']:.3g}, only in one: {len(r['only_sdmecha']) + len(r['only_lorabox'])}")

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/peer_sdmecha_merge.py BASE LORA RATIO OUT [--merge-dtype float32|float64] [--threads N]
     .venv/bin/python scripts/peer_sdmecha_merge.py BASE LORA RATIO OUT --compare LORABOX_OUT
 
-What a user of sd-mecha 1.1.x writes: the base as an ``sdxl-sgm`` model, the LoRA as an ``sdxl-kohya_kohya_lora``
+What a user of sd-mecha 1.1.8 writes (see the comment in ``merge`` for the one step spelled differently): the base as an ``sdxl-sgm`` model, the LoRA as an ``sdxl-kohya_kohya_lora``
 model (kohya keys flattened from SGM names: ``lora_unet_input_blocks_4_1_proj_in.lora_down.weight``) converted to
 ``sdxl-sgm`` (a "delta": ``up @ down * alpha / rank`` per weight, in the merge dtype), then
 ``add_difference(base, delta, alpha=RATIO)`` (``base + RATIO * delta``, the base wherever the LoRA has no key),
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -43,11 +42,11 @@ def merge(base: str, lora: str, ratio: float, out: str, merge_dtype: torch.dtype
                    strict_mandatory_keys=False, output=out)
 
 
-def compare(ours: str, theirs: str) -> dict:
+def compare(sdmecha_out: str, lorabox_out: str) -> dict:
     """Elementwise agreement of two checkpoints over their common keys (read one tensor at a time)."""
     from safetensors import safe_open
 
-    with safe_open(ours, "pt") as a, safe_open(theirs, "pt") as b:
+    with safe_open(sdmecha_out, "pt") as a, safe_open(lorabox_out, "pt") as b:
         ka, kb = set(a.keys()), set(b.keys())
         worst, same, total, dtypes = 0.0, 0, 0, set()
         for key in sorted(ka & kb):
@@ -78,7 +77,8 @@ def main():
     merge(args.base, args.lora, args.ratio, args.out, DTYPES[args.merge_dtype], args.threads, args.ratio_tensor)
     if args.compare:
         r = compare(args.out, args.compare)
-        print(f"sd-mecha ({args.merge_dtype}{', ratio tensor' if args.ratio_tensor else ''}) vs lorabox: {r['common']} common tensors, {r['elements']} elements, "
+        how = args.merge_dtype + (", ratio tensor" if args.ratio_tensor else "")
+        print(f"sd-mecha ({how}) vs lorabox: {r['common']} common tensors, {r['elements']} elements, "
               f"bit-identical {r['identical'] / max(1, r['elements']):.6f} ({r['elements'] - r['identical']} differ), "
               f"max abs diff {r['max_abs_diff']:.3g}; dtypes {r['dtypes']}; only in sd-mecha {r['only_sdmecha'][:5]} "
               f"({len(r['only_sdmecha'])}), only in lorabox {r['only_lorabox'][:5]} ({len(r['only_lorabox'])})")

@@ -1,17 +1,23 @@
 """Benchmark `lorabox merge` on full-size synthetic checkpoints with the real key layout.
 
-Shapes come from diffusers' models built on the meta device (SDXL UNet fp16, FLUX.1-dev transformer bf16); the
-LoRA-targetable weights and biases are written under their canonical names (model.diffusion_model.<SGM> for SDXL,
-bare BFL names for Flux), everything else (norms, embeddings) under diffusers' names. A LoRA of the given rank on
-every targetable weight is merged; the script reports wall time, peak RSS of the merge process, and the ratio to a
-plain copy (`cp`) of the same file in the same run.
+Shapes come from diffusers' models built on the meta device (SDXL UNet fp16, FLUX.1-dev transformer bf16). The SDXL
+base is a UNet-only SGM single file: every tensor under `model.diffusion_model.<SGM name>`, the names given by
+diffusers' own single-file converter (the key set and shapes of sd-mecha's `sdxl-sgm` diffuser component). Flux
+writes the LoRA-targetable weights and biases under their bare BFL names, everything else (norms, embeddings) under
+diffusers' names. A kohya LoRA of the given rank on every targetable weight (`lora_unet_<SGM or BFL name, . -> _>`)
+is merged at 0.8; the script reports wall time, peak RSS of the merge process, and the ratio to a plain copy (`cp`)
+of the same file in the same run.
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench   # needs ~50 GB free
-    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + diffusers' fuse_lora, same folder base
+    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha and diffusers
+    .venv/bin/python scripts/bench_merge.py --model sdxl --peer --check --subset 'input_blocks\.4\.'   # quick
 
-With --peer (SDXL), the base is also written as a diffusers UNet folder and both lorabox and diffusers
-(scripts/peer_diffusers_merge.py: load_lora_weights, fuse_lora, save_pretrained) merge the same LoRA into it.
+With --peer (SDXL), sd-mecha (scripts/peer_sdmecha_merge.py: add_difference of the LoRA converted to `sdxl-sgm`)
+merges the same LoRA into the same single file; then the base is also written as a diffusers UNet folder and both
+lorabox and diffusers (scripts/peer_diffusers_merge.py: load_lora_weights, fuse_lora, save_pretrained) merge the
+same LoRA into it. --check compares sd-mecha's output with lorabox's (untimed). --subset REGEX keeps only the
+checkpoint keys (and LoRA modules) the regex finds, and skips the diffusers folder: a quick run for development.
 """
 from __future__ import annotations
 
@@ -49,7 +55,10 @@ def layout(model: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str
     cls, cfg, dtype, prefix = ((FluxTransformer2DModel, FLUX1_DEV, "BF16", "") if model == "flux1"
                                else (UNet2DConditionModel, SDXL, "F16", "model.diffusion_model."))
     with torch.device("meta"):
-        sd = {k: tuple(v.shape) for k, v in cls(**cfg).state_dict().items()}
+        net = cls(**cfg)
+    sd = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    if model == "sdxl":
+        return sgm_layout(net, sd, dtype, prefix)
     keys, modules = {}, {}
     used = set()
     for m in load_architecture(model).unet.table.modules.values():
@@ -65,6 +74,22 @@ def layout(model: str) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str
     for k, shape in sd.items():
         if k not in used:
             keys[prefix + k] = (shape, dtype)
+    return keys, modules
+
+
+def sgm_layout(unet, sd, dtype, prefix):
+    """A faithful SGM single-file UNet: every parameter under its SGM name, taken from diffusers' own single-file
+    converter (``diffusers_oracle.sdxl_sgm_names``), so that sd-mecha's ``sdxl-sgm`` config reads it as is. The LoRA
+    targets are lorabox's table entries; their canonical names must be among the SGM names."""
+    from tests.oracles.diffusers_oracle import sdxl_sgm_names
+
+    names = sdxl_sgm_names(unet)
+    keys = {prefix + names[k]: (shape, dtype) for k, shape in sd.items()}
+    modules = {}
+    for m in load_architecture("sdxl").unet.table.modules.values():
+        if m.diffusers[0] + ".weight" in sd:
+            assert len(m.diffusers) == 1 and names[m.diffusers[0] + ".weight"] == m.canonical + ".weight", m
+            modules[m.canonical] = sd[m.diffusers[0] + ".weight"]
     return keys, modules
 
 
@@ -126,11 +151,16 @@ def main():
     ap.add_argument("--model", choices=["sdxl", "flux1"], default="sdxl")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--dir", default="/tmp/lorabox-bench")
-    ap.add_argument("--peer", action="store_true", help="also run diffusers' merge (SDXL only)")
+    ap.add_argument("--peer", action="store_true", help="also run diffusers' and sd-mecha's merges (SDXL only)")
+    ap.add_argument("--subset", metavar="REGEX", help="keep only the checkpoint keys this regex finds (a quick run)")
+    ap.add_argument("--check", action="store_true", help="with --peer: compare sd-mecha's merge with lorabox's")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     keys, modules = layout(args.model)
+    if args.subset:
+        keys = {k: v for k, v in keys.items() if re.search(args.subset, k)}
+        modules = {m: s for m, s in modules.items() if any(re.search(args.subset, m + x) for x in (".weight", ".bias"))}
     base, lora, copy, out = d / f"{args.model}.safetensors", d / "lora.safetensors", d / "copy.safetensors", d / "out.safetensors"
     params = sum(int(np.prod(s)) for s, _ in keys.values())
     t = time.perf_counter()
@@ -146,19 +176,43 @@ def main():
     t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
                         "--overwrite", "--json"])
     print(f"lorabox merge: {t_merge:.1f} s, peak RSS {rss:.2f} GiB, ratio to copy {t_merge / t_copy:.2f}")
-    out.unlink()
+    if not args.check:
+        out.unlink()
     if args.peer and args.model == "sdxl":
-        folder = d / "unet"
-        write_diffusers_folder(folder)
-        t_lb, rss_lb = run([sys.executable, "-m", "lorabox", "merge", str(folder), "--lora", f"{lora}:0.8",
-                            "-o", str(d / "merged_lorabox"), "--overwrite", "--json"])
-        t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / "peer_diffusers_merge.py"), str(folder),
-                                str(lora), "0.8", str(d / "merged_diffusers")])
-        print(f"diffusers UNet folder: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), diffusers load+fuse_lora+save "
-              f"{t_peer:.1f} s ({rss_peer:.2f} GiB): ratio lorabox/diffusers {t_lb / t_peer:.2f}")
+        peer_sdmecha(base, lora, out if args.check else None, d / "merged_sdmecha.safetensors", t_merge, rss)
+    out.unlink(missing_ok=True)
+    if args.peer and args.model == "sdxl" and not args.subset:
+        peer_diffusers(d, lora)
     if os.environ.get("KEEP") != "1":
         shutil.rmtree(d)
 
+
+def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_lb: float, rss_lb: float) -> None:
+    """sd-mecha (scripts/peer_sdmecha_merge.py) on the same single file, LoRA and ratio as the lorabox run above;
+    with `lorabox_out`, its output is compared with lorabox's (after the timing)."""
+    from scripts.peer_sdmecha_merge import compare
+
+    t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / "peer_sdmecha_merge.py"), str(base), str(lora), "0.8",
+                            str(out)])
+    print(f"single file: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), sd-mecha add_difference+merge (float32, "
+          f"fp16 out) {t_peer:.1f} s ({rss_peer:.2f} GiB): ratio lorabox/sd-mecha {t_lb / t_peer:.2f}")
+    if lorabox_out is not None:
+        r = compare(str(out), str(lorabox_out))
+        print(f"sd-mecha vs lorabox: {r['common']} common tensors, bit-identical {r['identical'] / r['elements']:.6f}, "
+              f"max abs diff {r['max_abs_diff']:.3g}, only in one: {len(r['only_sdmecha']) + len(r['only_lorabox'])}")
+    out.unlink()
+
+
+def peer_diffusers(d: Path, lora: Path) -> None:
+    """diffusers (scripts/peer_diffusers_merge.py) and lorabox on the base as a diffusers UNet folder."""
+    folder = d / "unet"
+    write_diffusers_folder(folder)
+    t_lb, rss_lb = run([sys.executable, "-m", "lorabox", "merge", str(folder), "--lora", f"{lora}:0.8",
+                        "-o", str(d / "merged_lorabox"), "--overwrite", "--json"])
+    t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / "peer_diffusers_merge.py"), str(folder),
+                            str(lora), "0.8", str(d / "merged_diffusers")])
+    print(f"diffusers UNet folder: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), diffusers load+fuse_lora+save "
+          f"{t_peer:.1f} s ({rss_peer:.2f} GiB): ratio lorabox/diffusers {t_lb / t_peer:.2f}")
 
 if __name__ == "__main__":
     main()

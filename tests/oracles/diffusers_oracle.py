@@ -641,8 +641,16 @@ def _sgm_name(key: str, config) -> str:
 def sdxl_sgm_layout(unet: torch.nn.Module) -> dict[str, tuple[Piece, ...]]:
     """SGM module name (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``, ``middle_block.0.in_layers.2``,
     ``label_emb.0.0``, ``out.2``, ...) -> its diffusers module in ``unet`` (one piece, all rows).  The names are
-    checked by running diffusers' ``convert_ldm_unet_checkpoint`` on row-tagged tensors: it must give back exactly
-    every parameter of ``unet`` with the right rows."""
+    those of ``sdxl_sgm_names``, checked by diffusers' own converter."""
+    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    return _strip_param({sgm: [Piece((0, shapes[key][0]), key, (0, shapes[key][0]))] for key, sgm in sdxl_sgm_names(unet).items()})
+
+
+def sdxl_sgm_names(unet: torch.nn.Module) -> dict[str, str]:
+    """Every parameter of ``unet`` (diffusers name) -> its SGM name in a single-file checkpoint (no
+    ``model.diffusion_model.`` prefix), e.g. ``down_blocks.0.resnets.0.norm1.weight`` -> ``input_blocks.1.0.in_layers.0.weight``.
+    Checked by running diffusers' ``convert_ldm_unet_checkpoint`` on row-tagged tensors: it must give back exactly
+    every parameter of ``unet`` with the right rows.  Works on a model built on the ``meta`` device."""
     from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
 
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
@@ -654,4 +662,4 @@ def sdxl_sgm_layout(unet: torch.nn.Module) -> dict[str, tuple[Piece, ...]]:
     for key, value in sgm.items():  # every SGM tensor comes back whole, under its diffusers name
         assert pieces.get(value) == [Piece((0, shapes[key][0]), key, (0, shapes[key][0]))], (value, pieces.get(value))
     assert set(converted) == set(shapes), sorted(set(converted) ^ set(shapes))[:10]
-    return _strip_param(pieces)
+    return sgm

@@ -3,6 +3,9 @@
 A table lists, per architecture, every weight a LoRA may target: its canonical (original checkpoint) name,
 its diffusers name(s), how a canonical weight splits into several diffusers weights, and named row
 transforms. Templates are expanded from small integer expressions (`3*l + j + 1`, `range(depth[l])`).
+A table may list `[variants.<name>]` (sizes of one model family sharing the names, e.g. FLUX.2 dev / Klein): each
+variant overrides `vars` (block counts; a group whose `for` range is empty is absent from it) and `dims`, and the
+table itself is expanded with the top-level `vars`, which must span every variant.
 Nothing here knows any particular architecture.
 """
 from __future__ import annotations
@@ -52,12 +55,24 @@ class Hit:
     naming: str  # "canonical" | "diffusers" | "alias"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One size of a model family that shares a table: its own block counts (so its own module set) and widths."""
+
+    name: str
+    title: str
+    modelspec: str | None
+    dims: dict[str, int]
+    modules: frozenset[str] = field(repr=False)  # canonical names that exist in this variant
+
+
 @dataclass
 class Table:
     name: str
     title: str
     dims: dict[str, int]
     fingerprints: list[dict]
+    variants: dict[str, Variant] = field(default_factory=dict)
     modules: dict[str, Module] = field(default_factory=dict)
     dotted: dict[str, Hit] = field(default_factory=dict)  # any spelling with dots -> hit
     flat: dict[str, Hit] = field(default_factory=dict)  # the same spellings with `.` -> `_`
@@ -168,15 +183,8 @@ def _add_spelling(table: Table, name: str, hit: Hit):
             index[key] = hit
 
 
-@functools.lru_cache(maxsize=None)
-def load_table(name: str) -> Table:
-    path = key_maps_dir() / f"{name}.toml"
-    if not path.is_file():
-        raise KeyMapError(f"no key map {path.name} in {path.parent}")
-    data = tomllib.loads(path.read_text())
-    consts = dict(data.get("vars", {}))
-    table = Table(data["architecture"], data.get("title", name), dict(data.get("dims", {})),
-                  list(data.get("fingerprints", [])))
+def _expand(data: dict, consts: dict):
+    """(module, read-only alias names) for every entry of every group, expanded with `consts`."""
     sets = data.get("sets", {})
     for group in data.get("group", []):
         entries = list(group.get("modules", []))
@@ -191,19 +199,46 @@ def load_table(name: str) -> Table:
                     _join(cpre, c.format(**env)), tuple(_join(dpre, x.format(**env)) for x in d), split, op,
                     tuple(_join(cpre, a.format(**env)) for a in aliases),
                 )
-                old = table.modules.get(module.canonical)
-                if old is not None:
-                    if old != module:
-                        raise KeyMapError(f"key map {name}: {module.canonical} defined twice, differently")
-                    continue
-                table.modules[module.canonical] = module
-                _add_spelling(table, module.canonical, Hit(module, None, "canonical"))
-                for part, dname in enumerate(module.diffusers):
-                    _add_spelling(table, dname, Hit(module, part if module.split else None, "diffusers"))
-                for alias in module.aliases:
-                    _add_spelling(table, alias, Hit(module, None, "alias"))
-                for apre in alias_pres:  # another spelling of the whole group prefix, read only
-                    _add_spelling(table, _join(apre, c.format(**env)), Hit(module, None, "alias"))
+                yield module, [_join(apre, c.format(**env)) for apre in alias_pres]
+
+
+def fingerprint_width(fp: dict, dims: dict[str, int]) -> int:
+    """The width a fingerprint expects: a dim name or an expression of dims (`9*hidden`)."""
+    return _eval(fp["dim"], dims)
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(name: str) -> Table:
+    path = key_maps_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise KeyMapError(f"no key map {path.name} in {path.parent}")
+    data = tomllib.loads(path.read_text())
+    consts = dict(data.get("vars", {}))
+    table = Table(data["architecture"], data.get("title", name), dict(data.get("dims", {})),
+                  list(data.get("fingerprints", [])))
+    for module, alias_names in _expand(data, consts):
+        old = table.modules.get(module.canonical)
+        if old is not None:
+            if old != module:
+                raise KeyMapError(f"key map {name}: {module.canonical} defined twice, differently")
+            continue
+        table.modules[module.canonical] = module
+        _add_spelling(table, module.canonical, Hit(module, None, "canonical"))
+        for part, dname in enumerate(module.diffusers):
+            _add_spelling(table, dname, Hit(module, part if module.split else None, "diffusers"))
+        for alias in module.aliases:
+            _add_spelling(table, alias, Hit(module, None, "alias"))
+        for alias in alias_names:  # another spelling of the whole group prefix, read only
+            _add_spelling(table, alias, Hit(module, None, "alias"))
+    for vname, spec in data.get("variants", {}).items():
+        names = frozenset(m.canonical for m, _ in _expand(data, {**consts, **spec.get("vars", {})}))
+        if names - table.modules.keys():
+            raise KeyMapError(f"key map {name}: variant {vname} has modules beyond the table's `vars`: "
+                              f"{sorted(names - table.modules.keys())[:3]}")
+        dims = {**table.dims, **spec.get("dims", {})}
+        for fp in table.fingerprints:
+            fingerprint_width(fp, dims)  # every fingerprint must be computable for every variant
+        table.variants[vname] = Variant(vname, spec.get("title", vname), spec.get("modelspec"), dims, names)
     return table
 
 

@@ -74,8 +74,9 @@ def detect_base(base: BaseCheckpoint, arch: str | None = None) -> tuple[str, str
                 best = (hits, name, layout, slots)
     if best is None or best[0] == 0:
         sample = ", ".join(sorted(keys)[:3])
+        known = ", ".join(load_architecture(n).title for n in architecture_names())
         raise UnknownArchitecture(f"{base.path}: no key map explains this checkpoint's weights (keys like {sample}).",
-                                  hint="lorabox merges into SD1.5, SDXL and FLUX.1 checkpoints.")
+                                  hint=f"lorabox merges into {known} checkpoints.")
     return best[1], best[2], best[3]
 
 
@@ -167,3 +168,26 @@ def _row_map(a: Adapter, slot: Slot, rows: int) -> np.ndarray | None:
         return None if a.part == slot.part else np.full(rows, -1, dtype=np.int64)
     start, end = _rows_of_parts(_delta_rows(a), m.split)[slot.part]
     return np.arange(start, end)
+
+
+def base_variant(base: BaseCheckpoint, architecture: str) -> str | None:
+    """The variant of `architecture` (e.g. "flux2_klein_9b") a base checkpoint is, from the modules it has and their
+    shapes, as `detect.lora_variant` does for a LoRA; None when the architecture has no variants or nothing fits."""
+    from ..detect import check_widths, variant_dims
+
+    spec = load_architecture(architecture)
+    _, _, slots = detect_base(base, architecture)
+    modules, widths = set(), []
+    for key, info in base.tensors.items():
+        slot = slots.get(key)
+        if slot is None or slot.bias or len(info.shape) < 2:
+            continue
+        table = spec.components[slot.component].table
+        if slot.component == "unet":
+            modules.add(slot.module.canonical)
+        widths.append((key, table, slot.module.canonical, "in", info.shape[1]))
+        if slot.part is None:
+            widths.append((key, table, slot.module.canonical, "out", info.shape[0]))
+    fits = [name for name, v in spec.unet.table.variants.items()
+            if modules <= v.modules and not check_widths(widths, lambda t, n=name: variant_dims(t, n), name)[1]]
+    return fits[0] if len(fits) == 1 else None

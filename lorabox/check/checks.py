@@ -29,7 +29,9 @@ FACTOR_ROLES = ("down", "up", "mid", "hada_w1_a", "hada_w1_b", "hada_w2_a", "had
                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 ALPHA_SUFFIXES = (".lora_down.weight", ".hada_w1_a", ".lokr_w1_b", ".lokr_w2_b")  # spellings that carry .alpha
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-SHOWN_KEYS = 6  # keys named in a message; the finding's `keys` lists them all
+SHOWN_KEYS = 6
+# metadata that libraries write from the tensors (module names, ranks): nothing private, and large to scan
+MACHINE_WRITTEN = ("lora_adapter_metadata", "lorabox.folded_alpha")  # keys named in a message; the finding's `keys` lists them all
 
 
 @dataclass
@@ -57,7 +59,20 @@ class Context:
     parsed: dict[str, ParsedKey] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
     slots: dict[tuple, dict[str, str]] = field(default_factory=dict)  # (component, module, part, naming) -> role -> key
-    lora: object = None  # lorabox.lora.Lora, when the structure is sound
+    _lora: object = None
+
+    @property
+    def lora(self):
+        """The canonical Lora (lorabox.lora), read on first use and only for a structurally sound file; else None."""
+        if self._lora is None and not self.report.failed() and self.parsed:
+            from ..dialects import read_state_dict
+
+            try:
+                self._lora = read_state_dict(self.tensors, self.arch, self.metadata, drop_unknown=True,
+                                             source=str(self.path))
+            except LoraboxError:
+                self._lora = False  # the structure checks already say why
+        return self._lora or None
 
     def add(self, finding_id: str, message: str, keys=(), remedy: str | None = None) -> None:
         keys = sorted(keys)
@@ -81,18 +96,18 @@ class Check:
     name: str
     ids: tuple[str, ...]
     fn: Callable[[Context], None]
-    needs_lora: bool  # runs after the canonical model is read (structure checks run before, on keys and tensors)
+    late: bool  # runs after every structure check; may read the canonical model (ctx.lora)
 
 
 CHECKS: list[Check] = []
 
 
-def check(*ids: str, needs_lora: bool = False):
+def check(*ids: str, late: bool = False):
     """Register a check function that may emit `ids` (all must be in the catalog)."""
     def register(fn):
         unknown = [i for i in ids if i not in CATALOG]
         assert not unknown, f"{fn.__name__}: ids not in CATALOG: {unknown}"
-        CHECKS.append(Check(fn.__name__, ids, fn, needs_lora))
+        CHECKS.append(Check(fn.__name__, ids, fn, late))
         return fn
     return register
 
@@ -101,7 +116,7 @@ def check(*ids: str, needs_lora: bool = False):
 
 def read_container(ctx: Context) -> None:
     """Header first: a pickle or a broken header stops here, before any tensor byte is read."""
-    from ..io.safetensors import read_header, read_tensors
+    from ..io.safetensors import read_header
 
     try:
         with open(ctx.path, "rb") as f:
@@ -122,7 +137,24 @@ def read_container(ctx: Context) -> None:
     if not ctx.header:
         ctx.add("container.empty", "the file holds no tensors.")
         return
-    ctx.tensors, _ = read_tensors(ctx.path)  # memory-mapped: nothing is read until a check asks for values
+    ctx.tensors = _mapped(ctx.path, ctx.header, ctx.data_start)
+
+
+def _mapped(path: Path, header: dict, data_start: int) -> dict[str, Tensor]:
+    """The tensors of an already validated header, memory-mapped: no byte is read until a check asks for values."""
+    import mmap
+
+    from ..tensor import storage_dtype
+
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    out = {}
+    for name, entry in header.items():
+        dtype = storage_dtype(entry["dtype"])
+        begin, stop = entry["data_offsets"]
+        arr = np.frombuffer(buf, dtype=dtype, count=(stop - begin) // dtype.itemsize, offset=data_start + begin)
+        out[name] = Tensor(arr.reshape(entry["shape"]), entry["dtype"])
+    return out
 
 
 def resolve_keys(ctx: Context, arch_name: str | None = None) -> None:
@@ -294,23 +326,18 @@ def alphas(ctx: Context) -> None:
                 stray)
 
 
-# --- the canonical model: only for a structurally sound file ------------------------------------------------
+# --- after the structure: checks that may read the canonical model -----------------------------------------
 
-def read_lora(ctx: Context) -> None:
-    from ..dialects import read_state_dict
-
-    if ctx.report.failed() or not ctx.parsed:
-        return
-    try:
-        ctx.lora = read_state_dict(ctx.tensors, ctx.arch, ctx.metadata, drop_unknown=True, source=str(ctx.path))
-    except LoraboxError:
-        ctx.lora = None  # the structure checks above already say why
-
-
-@check("alpha.metadata_only", needs_lora=True)
+@check("alpha.metadata_only", late=True)
 def peft_alpha_portability(ctx: Context) -> None:
     """A PEFT file whose lora_adapter_metadata sets alpha != r: only diffusers applies it."""
-    if ctx.lora is None or any(p.role == "alpha" for p in ctx.parsed.values()):
+    from ..dialects import PEFT_METADATA_KEY, _json
+
+    config = _json(ctx.metadata.get(PEFT_METADATA_KEY)) or {}
+    alphas = {k: v for k, v in config.items() if k.endswith((".lora_alpha", ".alpha_pattern", ".use_rslora")) and v}
+    if all(k.endswith(".lora_alpha") and v == config.get(k[:-len("lora_alpha")] + "r") for k, v in alphas.items()):
+        return  # no metadata, or alpha = r everywhere: every runtime agrees (scale 1)
+    if any(p.role == "alpha" for p in ctx.parsed.values()) or ctx.lora is None:
         return
     scaled = [a for a in ctx.lora.adapters.values() if a.alpha is not None and a.alpha_value != a.rank]
     if scaled:
@@ -320,14 +347,13 @@ def peft_alpha_portability(ctx: Context) -> None:
                 f"kohya load these modules {scaled[0].rank / scaled[0].alpha_value:g}x as strong.", names)
 
 
-@check("arch.detected", "arch.metadata_mismatch", "arch.nonstandard_width", needs_lora=True)
+@check("arch.detected", "arch.metadata_mismatch", "arch.nonstandard_width", late=True)
 def architecture(ctx: Context) -> None:
     from ..detect import fingerprint, lora_variant, metadata_hint
 
     variant = lora_variant(ctx.tensors, ctx.metadata, ctx.arch.name)
-    adapters = len(ctx.lora.adapters) if ctx.lora is not None else len(ctx.slots)
     ctx.add("arch.detected", f"{ctx.arch.title}{f' ({variant})' if variant else ''}, {ctx.report.dialect} dialect, "
-            f"{adapters} adapters from {len(ctx.tensors)} keys.")
+            f"{len(ctx.slots)} modules from {len(ctx.tensors)} keys.")
     hint = metadata_hint(ctx.metadata)
     if hint and hint != ctx.arch.name:
         said = ctx.metadata.get("modelspec.architecture") or ctx.metadata.get("ss_base_model_version")
@@ -339,7 +365,7 @@ def architecture(ctx: Context) -> None:
                 keys)
 
 
-@check("arch.base_mismatch", "arch.variant_mismatch", "coverage.base_missing", needs_lora=True)
+@check("arch.base_mismatch", "arch.variant_mismatch", "coverage.base_missing", late=True)
 def against_base(ctx: Context) -> None:
     if ctx.base is None:
         return
@@ -365,7 +391,7 @@ def against_base(ctx: Context) -> None:
 
 
 @check("coverage.diffusers_drops", "coverage.diffusers_refuses", "coverage.comfyui_drops", "coverage.kohya_drops",
-       "coverage.unmodelled", needs_lora=True)
+       "coverage.unmodelled", late=True)
 def runtime_coverage(ctx: Context) -> None:
     from .runtimes import RUNTIME_VERSIONS, coverage
 
@@ -386,7 +412,7 @@ def runtime_coverage(ctx: Context) -> None:
                 + ".", sorted({k for v in unmodelled.values() for k in v}))
 
 
-@check("container.trailing_bytes", "size.summary", needs_lora=True)
+@check("container.trailing_bytes", "size.summary", late=True)
 def size(ctx: Context) -> None:
     file_size = ctx.path.stat().st_size
     used = max((e["data_offsets"][1] for e in ctx.header.values()), default=0)
@@ -403,7 +429,7 @@ def size(ctx: Context) -> None:
     ctx.add("size.summary", f"{file_size / 2**20:.2f} MiB, header {ctx.data_start - 8} bytes{share}.")
 
 
-@check("meta.modelspec", "meta.kohya", "meta.trigger", "meta.private", needs_lora=True)
+@check("meta.modelspec", "meta.kohya", "meta.trigger", "meta.private", late=True)
 def metadata(ctx: Context) -> None:
     from ..publish.meta import MODELSPEC_MUST
     from ..publish.privacy import find_private
@@ -418,14 +444,14 @@ def metadata(ctx: Context) -> None:
             ctx.add("meta.kohya", f"kohya training metadata missing: {', '.join(ss)}.")
     if not m.get("modelspec.trigger_phrase") and not m.get("ss_tag_frequency"):
         ctx.add("meta.trigger", "no trigger phrase (modelspec.trigger_phrase) and no ss_tag_frequency to mine one from.")
-    private = find_private(m)
+    private = find_private({k: v for k, v in m.items() if k not in MACHINE_WRITTEN})
     if private:
         shown = "; ".join(f"{i.key}: {i.reason}" for i in private[:SHOWN_KEYS])
         ctx.add("meta.private", f"{len(private)} private detail(s) in the metadata: {shown}.",
                 sorted({i.key for i in private}))
 
 
-@check("meta.hashes", needs_lora=True)
+@check("meta.hashes", late=True)
 def hashes(ctx: Context) -> None:
     """Publishing targets only: hashing reads every byte, which a folder of thousands does not need."""
     if ctx.target not in ("civitai", "hf"):
@@ -453,11 +479,16 @@ def check_file(path: str | os.PathLike, *, base: Base | None = None, target: str
     resolve_keys(ctx, arch)
     if ctx.stop():
         return ctx.report
-    for c in CHECKS:
-        if not c.needs_lora:
-            c.fn(ctx)
-    read_lora(ctx)
-    for c in CHECKS:
-        if c.needs_lora:
-            c.fn(ctx)
+    for late in (False, True):
+        for c in CHECKS:
+            if c.late == late:
+                _run(c, ctx)
     return ctx.report
+
+
+def _run(c: Check, ctx: Context) -> None:
+    """One check; a crash is a finding of this file (a folder of thousands goes on), never a lost run."""
+    try:
+        c.fn(ctx)
+    except Exception as exc:  # noqa: BLE001 - reported as a finding with the check's name
+        ctx.add("check.crashed", f"the {c.name} check failed: {type(exc).__name__}: {exc}.")

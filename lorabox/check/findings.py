@@ -59,6 +59,7 @@ CATALOG: dict[str, tuple[str, str]] = {
     "meta.trigger": (INFO, "Record the trigger word (modelspec.trigger_phrase) so users and hubs can find it."),
     "meta.private": (WARNING, "Strip them before sharing: paths and folder names give away user names and data sets."),
     "meta.hashes": (INFO, ""),
+    "check.crashed": (ERROR, "A bug in lorabox, not in the file: please report it with `lorabox inspect FILE --json`."),
 }
 
 UNUSABLE = {"container.missing", "container.pickle", "container.truncated", "container.header", "container.empty",

@@ -13,10 +13,11 @@ naming of `kohya_naming`) and are not run against sd-scripts, which is not insta
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 
 from ..dialects import ParsedKey
-from ..keymap import Architecture
+from ..keymap import Architecture, load_architecture
 
 LOADS, DROPS, REFUSES = "loads", "drops", "refuses"
 
@@ -41,12 +42,11 @@ class Rule:
     modules: tuple[str, ...] = ()
     why: str = ""
 
-    def matches(self, arch: str, p: ParsedKey) -> bool:
-        name = p.hit.module.diffusers[p.hit.part or 0] if p.hit.naming == "diffusers" else p.hit.module.canonical
+    def matches(self, arch: str, spelling: str, component: str, naming: str, name: str) -> bool:
         return ((not self.archs or arch in self.archs)
-                and (not self.prefixes or p.spelling in self.prefixes)
-                and (not self.components or p.component in self.components)
-                and (not self.naming or p.hit.naming in self.naming)
+                and (not self.prefixes or spelling in self.prefixes)
+                and (not self.components or component in self.components)
+                and (not self.naming or naming in self.naming)
                 and (not self.modules or any(fnmatch.fnmatchcase(name, m) for m in self.modules)))
 
 
@@ -86,15 +86,32 @@ RULES: dict[str, list[Rule]] = {
 }
 
 
-def kohya_rules(arch: Architecture) -> list[Rule]:
+@functools.lru_cache(maxsize=None)
+def kohya_rules(arch_name: str) -> tuple[Rule, ...]:
     """sd-scripts reads `lora_unet_`/`lora_te*_` + its own flattened names: the denoiser in `kohya_naming`."""
+    arch = load_architecture(arch_name)
     rules = []
     for comp in arch.components.values():
         naming = (arch.kohya_naming,) if comp.name == "unet" else ()
         rules.append(Rule(LOADS, (arch.name,), (comp.prefixes["kohya"],), (comp.name,), naming))
     rules.append(Rule(DROPS, (arch.name,), why=f"sd-scripts reads only its own spelling "
                                                 f"(lora_unet_ + {arch.kohya_naming} names, flattened)"))
-    return rules
+    return tuple(rules)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _rule(runtime: str, *where: str) -> Rule | None:
+    """The first rule matching (arch, spelling, component, naming, module name); cached, as a folder of LoRAs
+    repeats the same modules."""
+    rules = kohya_rules(where[0]) if runtime == "kohya" else RULES[runtime]
+    return next((r for r in rules if r.matches(*where)), None)
+
+
+def _where(arch_name: str, p: ParsedKey) -> tuple[str, str, str, str, str]:
+    """What a rule looks at: the module name is in the key's own naming (diffusers slices by their own name)."""
+    hit = p.hit
+    name = hit.module.diffusers[hit.part or 0] if hit.naming == "diffusers" else hit.module.canonical
+    return arch_name, p.spelling, p.component, hit.naming, name
 
 
 @dataclass
@@ -112,10 +129,9 @@ class Coverage:
 
 def coverage(runtime: str, arch: Architecture, parsed: dict[str, ParsedKey]) -> Coverage:
     """What `runtime` does with every understood key (`parsed`: key -> ParsedKey)."""
-    rules = kohya_rules(arch) if runtime == "kohya" else RULES[runtime]
     out = Coverage(runtime)
     for key, p in parsed.items():
-        rule = next((r for r in rules if r.matches(arch.name, p)), None)
+        rule = _rule(runtime, *_where(arch.name, p))
         if rule is None:
             out.unmodelled.append(key)
         elif rule.verdict == LOADS:

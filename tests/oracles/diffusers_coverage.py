@@ -1,6 +1,7 @@
 """Which keys of a LoRA file diffusers' own loader really uses, on the tiny pipelines of ``tiny_models``.
 
-``diffusers_coverage(arch, path)`` runs ``Pipeline.lora_state_dict`` and ``load_lora_weights`` (diffusers 0.42.1, peft)
+``diffusers_coverage(arch, path)`` runs ``Pipeline.lora_state_dict`` and ``load_lora_weights`` (diffusers 0.42.1, peft;
+one tiny pipeline per architecture, its LoRA layers unloaded after each call)
 and traces every module of the input through them by value: a module is loaded when a LoRA ``A`` matrix equal to its
 ``down`` tensor ends up in a component diffusers injects LoRA layers into (matched up to a scalar: diffusers' converters
 fold alpha/rank into A and B). Everything else is dropped, whatever diffusers logs (it logs
@@ -12,6 +13,7 @@ It is the ground truth that ``lorabox check``'s diffusers coverage model (lorabo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 
@@ -57,7 +59,20 @@ def diffusers_coverage(arch: str, path: str | os.PathLike, *, wide: bool = False
         keys_by_stem.setdefault(_stem(key), []).append(key)
     downs = {_stem(k): v for k, v in original.items() if _DOWN.search(k)}
 
-    pipe = tiny_models.pipeline(arch, wide=wide)
+    pipe = _pipeline(arch, wide)
+    try:
+        return _trace(arch, pipe, path, original, keys_by_stem, downs)
+    finally:
+        pipe.unload_lora_weights()  # back to the bare tiny pipeline for the next call
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline(arch: str, wide: bool):
+    return tiny_models.pipeline(arch, wide=wide)
+
+
+def _trace(arch, pipe, path, original, keys_by_stem, downs) -> DiffusersCoverage:
+    assert not any(_lora_modules(getattr(pipe, c)) for c in LORA_COMPONENTS[arch]), "pipeline not clean"
     with _Capture():
         try:
             converted, _alphas, _meta = _converted(arch, pipe, os.fspath(path))

@@ -198,6 +198,15 @@ def make_corpus(dest: str | Path) -> list[Case]:
     cases.append(Case("peft_alpha_for_comfyui", str(FIXTURES / "sd15_peft.safetensors"),
                       [("alpha.metadata_only", "error"), ("coverage.comfyui_drops", "error")], 1, target="comfyui"))
 
+    sd = dict(sd15)
+    stem = _first(sd, ".lora_down.weight")[: -len(".lora_down.weight")].replace("_attn1_to_q", "_attn1_to_k")
+    sd = {k: t for k, t in sd.items() if not k.startswith(stem + ".")}
+    sd[stem + ".diff"] = Tensor.zeros((768, 768), "F32")  # a full-weight delta: 2.25 MiB, no rank
+    add("full_diff", sd, [("size.extra_tensors", "warning")], 0, keys={"size.extra_tensors": [stem + ".diff"]})
+    add("trailing_bytes", sd15, [("container.trailing_bytes", "warning")], 0)
+    with open(dest / "trailing_bytes.safetensors", "ab") as f:
+        f.write(b"\0" * 4096)
+
     # against a base
     sdxl_base = table_base(dest / "base_sdxl_single_file.safetensors", "sdxl", "single_file")
     sd15_base = table_base(dest / "base_sd15_single_file.safetensors", "sd15", "single_file")

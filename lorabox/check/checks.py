@@ -30,6 +30,7 @@ FACTOR_ROLES = ("down", "up", "mid", "hada_w1_a", "hada_w1_b", "hada_w2_a", "had
 ALPHA_SUFFIXES = (".lora_down.weight", ".hada_w1_a", ".lokr_w1_b", ".lokr_w2_b")  # spellings that carry .alpha
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 SHOWN_KEYS = 6
+EXTRA_BYTES = 1 << 20  # tensor bytes beyond the down/up pairs worth a warning
 # metadata that libraries write from the tensors (module names, ranks): nothing private, and large to scan
 MACHINE_WRITTEN = ("lora_adapter_metadata", "lorabox.folded_alpha")  # keys named in a message; the finding's `keys` lists them all
 
@@ -412,7 +413,7 @@ def runtime_coverage(ctx: Context) -> None:
                 + ".", sorted({k for v in unmodelled.values() for k in v}))
 
 
-@check("container.trailing_bytes", "size.summary", late=True)
+@check("container.trailing_bytes", "size.summary", "size.extra_tensors", late=True)
 def size(ctx: Context) -> None:
     file_size = ctx.path.stat().st_size
     used = max((e["data_offsets"][1] for e in ctx.header.values()), default=0)
@@ -424,9 +425,15 @@ def size(ctx: Context) -> None:
         if "down" in roles and "up" in roles:
             d, u = ctx.tensors[roles["down"]], ctx.tensors[roles["up"]]
             predicted += d.nbytes + u.nbytes
-    factors = sum(t.nbytes for t in ctx.tensors.values())
-    share = f"; {100 * predicted / factors:.0f}% of the tensor bytes are down/up pairs" if factors else ""
+    total = sum(t.nbytes for t in ctx.tensors.values())
+    share = f"; {100 * predicted / total:.0f}% of the tensor bytes are down/up pairs" if total else ""
     ctx.add("size.summary", f"{file_size / 2**20:.2f} MiB, header {ctx.data_start - 8} bytes{share}.")
+    extra = total - predicted
+    if extra > max(EXTRA_BYTES, total // 2):
+        big = sorted((k for k, t in ctx.tensors.items() if t.ndim >= 2 and k in ctx.parsed
+                      and ctx.parsed[k].role not in ("down", "up")), key=lambda k: -ctx.tensors[k].nbytes)
+        ctx.add("size.extra_tensors", f"{extra / 2**20:.1f} MiB ({100 * extra / total:.0f}%) are not rank-r factors "
+                f"(full deltas, LoHa/LoKr, unknown keys): more than rank and targets predict.", big)
 
 
 @check("meta.modelspec", "meta.kohya", "meta.trigger", "meta.private", late=True)

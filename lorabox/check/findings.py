@@ -48,6 +48,8 @@ CATALOG: dict[str, tuple[str, str]] = {
     "dtype.mixed": (INFO, "Mixed dtypes are legal, but one dtype is cheaper for every loader."),
     "dtype.non_float": (ERROR, "LoRA factors must be floating point."),
     "size.summary": (INFO, ""),
+    "size.extra_tensors": (WARNING, "Check what the big tensors are: a LoRA should be rank x (in + out) per module; full "
+                                    "deltas (.diff) or extracted full weights make it a fine-tune in disguise."),
     "coverage.diffusers_drops": (WARNING, "diffusers will not apply these keys: convert to a spelling it reads (lorabox convert --to diffusers)."),
     "coverage.diffusers_refuses": (WARNING, "diffusers has no reader for this spelling: lorabox convert --to diffusers (or kohya)."),
     "coverage.comfyui_drops": (WARNING, "ComfyUI logs 'lora key not loaded' for these: lorabox convert --to comfyui."),

@@ -5,12 +5,15 @@
 
 The folder cycles through the fixtures (diffusers/PEFT-written SD1.5, SDXL, FLUX.1 files) spelled by lorabox in
 every dialect, a few of them broken (NaN, zero up, missing alpha), so every check runs. Prints files/s and the
-wall time of the whole command (start-up, folder scan, workers, JSON Lines output).
+wall time of the whole command (start-up, folder scan, workers, JSON Lines output), and the CPU seconds of all its
+processes: on a shared machine the wall time depends on the load, the CPU time much less.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -69,13 +72,18 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         size = make_folder(folder, args.files)
+        load = os.getloadavg()[0]
         cmd = [sys.executable, "-m", "lorabox", "check", str(folder), "--jobs", str(args.jobs), "--json"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         summary = json.loads(res.stdout.splitlines()[-1])
         print(f"lorabox check: {args.files} files ({size / 2**20:.0f} MiB) with --jobs {args.jobs}: {wall:.1f} s wall, "
-              f"{args.files / wall:.0f} files/s; exit {res.returncode}; {summary['ok']} ok, {summary['failed']} failed, "
+              f"{args.files / wall:.0f} files/s, {cpu:.1f} s CPU in all processes (load average before: "
+              f"{load:.1f}); exit {res.returncode}; {summary['ok']} ok, {summary['failed']} failed, "
               f"{summary['unusable']} unusable; {summary['grades']}")
     finally:
         if args.dir is None:

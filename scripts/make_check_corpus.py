@@ -207,6 +207,11 @@ def make_corpus(dest: str | Path) -> list[Case]:
     with open(dest / "trailing_bytes.safetensors", "ab") as f:
         f.write(b"\0" * 4096)
 
+    cases.append(Case("peft_for_kohya", str(FIXTURES / "sd15_peft.safetensors"), [("coverage.kohya_drops", "error")], 1,
+                      target="kohya"))
+    cases.append(Case("kohya_for_kohya", str(dest / "clean_sd15_kohya.safetensors"), [("arch.detected", "info")], 0,
+                      target="kohya", clean=True))
+
     # against a base
     sdxl_base = table_base(dest / "base_sdxl_single_file.safetensors", "sdxl", "single_file")
     sd15_base = table_base(dest / "base_sd15_single_file.safetensors", "sd15", "single_file")

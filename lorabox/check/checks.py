@@ -394,11 +394,13 @@ def against_base(ctx: Context) -> None:
 @check("coverage.diffusers_drops", "coverage.diffusers_refuses", "coverage.comfyui_drops", "coverage.kohya_drops",
        "coverage.unmodelled", late=True)
 def runtime_coverage(ctx: Context) -> None:
-    from .runtimes import RUNTIME_VERSIONS, coverage
+    from .runtimes import RUNTIME_VERSIONS, coverage, wheres
 
     unmodelled = {}
-    for runtime in ("diffusers", "comfyui", "kohya"):
-        cov = coverage(runtime, ctx.arch, ctx.parsed)
+    where = wheres(ctx.arch, ctx.parsed)
+    # sd-scripts is a trainer, not where LoRAs are used, and its rules are not run against it: only on request
+    for runtime in ("diffusers", "comfyui") + (("kohya",) if ctx.target == "kohya" else ()):
+        cov = coverage(runtime, ctx.arch, ctx.parsed, where)
         who = RUNTIME_VERSIONS[runtime]
         if cov.refused:
             ctx.add("coverage.diffusers_refuses", f"{who} refuses the whole file: {cov.refused}.", cov.dropped_keys)

@@ -53,7 +53,7 @@ CATALOG: dict[str, tuple[str, str]] = {
     "coverage.diffusers_drops": (WARNING, "diffusers will not apply these keys: convert to a spelling it reads (lorabox convert --to diffusers)."),
     "coverage.diffusers_refuses": (WARNING, "diffusers has no reader for this spelling: lorabox convert --to diffusers (or kohya)."),
     "coverage.comfyui_drops": (WARNING, "ComfyUI logs 'lora key not loaded' for these: lorabox convert --to comfyui."),
-    "coverage.kohya_drops": (INFO, "sd-scripts names its modules differently: lorabox convert --to kohya."),
+    "coverage.kohya_drops": (WARNING, "sd-scripts names its modules differently: lorabox convert --to kohya."),
     "coverage.unmodelled": (INFO, "lorabox has no tested model of this runtime for this spelling; convert to a dialect it reads to be sure."),
     "coverage.base_missing": (ERROR, "These adapters target weights the base does not have: wrong base, or a LoRA for another variant."),
     "meta.modelspec": (INFO, "Add modelspec.* (sai_model_spec, architecture, implementation, title): hubs and UIs read them."),

@@ -156,9 +156,13 @@ def _where(arch_name: str, p: ParsedKey) -> tuple[str, str, str, str, str, str]:
     """What a rule looks at: the module name is in the key's own naming (diffusers slices by their own name)."""
     hit = p.hit
     name = hit.module.diffusers[hit.part or 0] if hit.naming == "diffusers" else hit.module.canonical
-    suffix = next(sfx for sfx, _, _ in _suffixes() if p.key.endswith(sfx))
-    family = FAMILY_OF_SUFFIX.get(suffix) or (OLD if suffix.startswith(".processor.") else KOHYA)
-    return arch_name, p.spelling, p.component, hit.naming, name, family
+    return arch_name, p.spelling, p.component, hit.naming, name, suffix_family(p.key)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def suffix_family(key: str) -> str:
+    suffix = next(sfx for sfx, _, _ in _suffixes() if key.endswith(sfx))
+    return FAMILY_OF_SUFFIX.get(suffix) or (OLD if suffix.startswith(".processor.") else KOHYA)
 
 
 @dataclass
@@ -174,11 +178,18 @@ class Coverage:
         return sorted(k for keys in self.dropped.values() for k in keys)
 
 
-def coverage(runtime: str, arch: Architecture, parsed: dict[str, ParsedKey]) -> Coverage:
-    """What `runtime` does with every understood key (`parsed`: key -> ParsedKey)."""
+def wheres(arch: Architecture, parsed: dict[str, ParsedKey]) -> dict[str, tuple]:
+    """What the rules look at, per key: compute once per file, then ask every runtime."""
+    return {key: _where(arch.name, p) for key, p in parsed.items()}
+
+
+def coverage(runtime: str, arch: Architecture, parsed: dict[str, ParsedKey], where: dict[str, tuple] | None = None
+             ) -> Coverage:
+    """What `runtime` does with every understood key (`parsed`: key -> ParsedKey; `where`: `wheres(...)`)."""
+    where = where or wheres(arch, parsed)
     out = Coverage(runtime)
-    for key, p in parsed.items():
-        rule = _rule(runtime, *_where(arch.name, p))
+    for key in parsed:
+        rule = _rule(runtime, *where[key])
         if rule is None:
             out.unmodelled.append(key)
         elif rule.verdict == LOADS:
@@ -189,8 +200,7 @@ def coverage(runtime: str, arch: Architecture, parsed: dict[str, ParsedKey]) -> 
                 out.refused = rule.why
     for rule in GROUP_RULES.get(runtime, ()):
         for prefix in rule.prefixes:
-            names = [w[4] for w in (_where(arch.name, p) for p in parsed.values())
-                     if w[1] == prefix and w[2] in rule.components and w[5] in rule.suffixes]
+            names = [w[4] for w in where.values() if w[1] == prefix and w[2] in rule.components and w[5] in rule.suffixes]
             if names and not any(fnmatch.fnmatchcase(n, m) for n in names for m in rule.needs_any):
                 out.refused = rule.why
     if out.refused:  # the loader raises: nothing of the file is used

@@ -236,3 +236,12 @@ def test_diffusers_coverage_matches_load_lora_weights(tmp_path, source, arch, sp
     else:
         assert named.get("coverage.diffusers_drops", []) == truth.dropped
     assert not _unmodelled(path, arch, "diffusers")
+
+
+def test_torch_zip_checkpoint_is_refused_as_pickle(tmp_path):
+    import torch
+
+    path = tmp_path / "pytorch_lora_weights.bin"
+    torch.save({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4)}, path)
+    report = check_file(path)
+    assert [(f.id, f.grade) for f in report.findings] == [("container.pickle", "error")] and report.exit_code() == 2

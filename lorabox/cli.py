@@ -319,8 +319,23 @@ def meta_cmd(file, sets, unset, strip_private, from_training, no_fill, output, d
         if info["modelspec_missing"]:
             click.echo(f"  missing ModelSpec keys: {', '.join(info['modelspec_missing'])}")
         return
-    result = edit_metadata(file, sets=sets, unset=unset, strip=strip_private, from_training=from_training,
-                           fill=not no_fill, output=output, overwrite=overwrite, write=not dry_run, arch=arch)
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done, total):  # the bar appears once copying starts, not before the inputs are checked
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="meta", disable=as_json, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        result = edit_metadata(file, sets=sets, unset=unset, strip=strip_private, from_training=from_training,
+                               fill=not no_fill, output=output, overwrite=overwrite, write=not dry_run, arch=arch,
+                               progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return

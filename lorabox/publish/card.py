@@ -58,6 +58,8 @@ BASES = {
     "flux-2-klein-9b": Base("black-forest-labs/FLUX.2-klein-9B", ("flux2",), None),
 }
 BASE_TAGS = ("text-to-image", "lora", "diffusers", "template:sd-lora")
+# (architecture, dialect) pairs diffusers 0.42.1's load_lora_weights refuses (pinned by tests/test_diffusers_peer.py)
+DIFFUSERS_CANNOT_READ = {("sd15", "comfyui"), ("sdxl", "comfyui")}
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,26 @@ def _parse_yaml(text: str):
     return yaml.safe_load(text)
 
 
-def _card_findings(folder: Path) -> list[Finding]:
+def _stale_hashes(folder: Path, text: str, weights: list[str]) -> list[Finding]:
+    """A card's hash table (as `lorabox card` writes it) that no longer matches the file: the metadata was
+    edited after the card was written."""
+    out = []
+    for name in weights:
+        listed = {h.upper() for h in re.findall(rf"\|\s*{re.escape(name)}\s*\|\s*`([0-9A-Fa-f]{{64}})`", text)}
+        if listed and (actual := file_hashes(folder / name)["sha256"]) not in listed:
+            out.append(Finding("warning", "stale-hash", f"README.md lists SHA256 {min(listed)} for {name}, but the "
+                               f"file hashes to {actual} (changed after the card was written): run "
+                               f"`lorabox card --overwrite` again."))
+    return out
+
+
+def _card_findings(folder: Path, weights: list[str]) -> list[Finding]:
     readme = folder / "README.md"
     if not readme.exists():
         return [Finding("error", "no-readme", "README.md is missing: the Hub shows no card, no base model, no license. "
                         "Write one with `lorabox card`.")]
-    yaml_text, _ = split_front_matter(readme.read_text(encoding="utf-8", errors="replace"))
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    yaml_text, _ = split_front_matter(text)
     if yaml_text is None:
         return [Finding("error", "no-front-matter", "README.md has no YAML front matter (--- ... ---): the Hub "
                         "cannot tell the base model, license or that this is a LoRA.")]
@@ -117,7 +133,7 @@ def _card_findings(folder: Path) -> list[Finding]:
         return [Finding("error", "bad-yaml", f"README.md front matter is not valid YAML: {exc}".splitlines()[0])]
     if not isinstance(data, dict):
         return [Finding("error", "bad-yaml", "README.md front matter is not a YAML mapping.")]
-    out = []
+    out = _stale_hashes(folder, text, weights)
     for key in ("base_model", "license"):
         if not data.get(key):
             out.append(Finding("warning", f"no-{key.replace('_', '-')}", f"front matter has no `{key}`."))
@@ -145,8 +161,11 @@ def check_repo_folder(folder: str | os.PathLike) -> list[Finding]:
     out: list[Finding] = []
     candidates = weight_candidates(folder)
     if not candidates:
+        skipped = sorted(p.name for p in folder.glob("*.safetensors"))
+        crash = (f" diffusers 0.42.1's load_lora_weights(repo) fails with IndexError on such a folder "
+                 f"(it skipped {', '.join(skipped)})." if skipped else "")
         out.append(Finding("error", "no-weights", "no .safetensors weight file diffusers would load "
-                           "(files named *scheduler*, *optimizer*, *checkpoint* are skipped)."))
+                           "(files named *scheduler*, *optimizer*, *checkpoint* are skipped)." + crash))
     elif len(candidates) > 1:
         out.append(Finding("error", "several-weights", f"{len(candidates)} weight files ({', '.join(candidates)}): "
                            f"`load_lora_weights(repo)` takes whichever is listed first. Keep one, or name the one "
@@ -159,7 +178,7 @@ def check_repo_folder(folder: str | os.PathLike) -> list[Finding]:
     if pickles:
         out.append(Finding("error", "pickle", f"pickle files can run code when loaded: {', '.join(pickles)}. "
                            "Publish .safetensors only."))
-    return out + _card_findings(folder)
+    return out + _card_findings(folder, candidates)
 
 
 # --- writing a card -------------------------------------------------------------------------------------------
@@ -301,6 +320,10 @@ def make_card(path: str | os.PathLike, repo_id: str, *, base_model: str | None =
     if lic.id == "other" and not (lic.name and lic.link):
         raise LoraboxError("--license other needs --license-name and --license-link.",
                            hint="For example --license-name my-license --license-link https://example.com/LICENSE.")
+    if facts and any((facts["architecture"], d.split(" ")[0]) in DIFFUSERS_CANNOT_READ
+                     for d in facts["dialect"].split(", ")):
+        warnings.append(f"diffusers cannot load {facts['dialect']} key names for {facts['architecture']}, so the "
+                        f"card's diffusers snippet would fail: `lorabox convert --to kohya` first.")
     trigger = trigger or _trigger(metadata)
     record = from_training_record(metadata)
     title = metadata.get("modelspec.title") or record.get("modelspec.title") or path.stem

@@ -34,19 +34,11 @@ IMPLEMENTATIONS = (
 )
 DEFAULT_IMPLEMENTATION = "diffusers"
 
-# every ss_base_model_version spelling (kohya K, ai-toolkit A) and modelspec id -> lorabox architecture
-BASE_MODEL_VERSIONS = {
-    "sd_v1": "sd15", "sd_1.5": "sd15", "stable-diffusion-v1": "sd15",
-    "sd_v2": "sd2", "sd_v2_v": "sd2",
-    "sdxl_base_v1-0": "sdxl", "sdxl_1.0": "sdxl", "stable-diffusion-xl-v1-base": "sdxl",
-    "sd_3": "sd3", "flux1": "flux1", "flux.1": "flux1", "flux-1-dev": "flux1", "flux-1-schnell": "flux1",
-    "flux2": "flux2", "flux-2-dev": "flux2", "flux2_klein_4b": "flux2_klein_4b", "flux-2-klein-4b": "flux2_klein_4b",
-    "flux2_klein_9b": "flux2_klein_9b", "flux-2-klein-9b": "flux2_klein_9b",
-    "chroma": "chroma", "lumina2": "lumina2", "lumina-2": "lumina2",
-}
-# what lorabox writes for ss_base_model_version: kohya's spelling where kohya has one, else ai-toolkit's
-SS_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux1": "flux1", "flux2": "flux2",
-                         "flux2_klein_4b": "flux2_klein_4b", "flux2_klein_9b": "flux2_klein_9b"}
+# what lorabox writes for ss_base_model_version, by modelspec id: kohya's spelling where kohya has one, else
+# ai-toolkit's (reading goes through detect.METADATA_HINTS, which knows every spelling)
+SS_BASE_MODEL_VERSION = {"stable-diffusion-v1": "sd_v1", "stable-diffusion-xl-v1-base": "sdxl_base_v1-0",
+                         "flux-1-dev": "flux1", "flux-2-dev": "flux2", "flux-2-klein-4b": "flux2_klein_4b",
+                         "flux-2-klein-9b": "flux2_klein_9b"}
 # kohya's ss_network_module per adapter kind
 NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 
@@ -58,11 +50,6 @@ MODELSPEC_KEYS = frozenset(f"modelspec.{k}" for k in (
 MODELSPEC_MUST = ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title")
 KNOWN_PREFIXES = ("modelspec.", "ss_", "sshs_", "lorabox.")
 KNOWN_KEYS = frozenset({"format", "lora_adapter_metadata", "training_info", "software", "version", "name"})
-
-
-def normalise_base_model_version(value: str) -> str | None:
-    """A lorabox architecture name for any known ss_base_model_version / modelspec spelling, else None."""
-    return BASE_MODEL_VERSIONS.get(value.split("/")[0].strip().lower())
 
 
 def implementation_for(architecture_id: str) -> str:
@@ -132,11 +119,12 @@ def _iso_date(timestamp: str) -> str | None:
 
 
 def from_training_record(metadata: dict[str, str]) -> dict[str, str]:
-    """modelspec fields a kohya/ai-toolkit training record (ss_*) already holds: title (ss_output_name),
+    """modelspec fields a kohya/ai-toolkit training record (ss_*) already holds: title (ss_output_name, `name`),
     date (ss_training_started_at), trigger_phrase (ss_tag_frequency), resolution, prediction_type, description."""
     out: dict[str, str] = {}
-    if metadata.get("ss_output_name"):
-        out["modelspec.title"] = metadata["ss_output_name"]
+    title = metadata.get("ss_output_name") or metadata.get("name")  # kohya's run name, ai-toolkit's job name
+    if title:
+        out["modelspec.title"] = title
     if (date := _iso_date(metadata.get("ss_training_started_at", ""))) is not None:
         out["modelspec.date"] = date
     tags = _json(metadata, "ss_tag_frequency")
@@ -164,6 +152,7 @@ def from_tensors(path: str | os.PathLike, metadata: dict[str, str], *, arch: str
     ss_network_alpha / ss_network_module / ss_base_model_version. A file lorabox cannot read as a LoRA gets
     only the architecture-free keys, and a warning."""
     from ..conversion import load_lora
+    from ..detect import metadata_hint
     from ..keymap import load_architecture
 
     out: dict[str, str] = {"modelspec.sai_model_spec": MODELSPEC_VERSION,
@@ -179,14 +168,12 @@ def from_tensors(path: str | os.PathLike, metadata: dict[str, str], *, arch: str
     if spec_id:
         out["modelspec.architecture"] = f"{spec_id}/lora"
         out["modelspec.implementation"] = implementation_for(spec_id)
-        stated = metadata.get("modelspec.architecture")
-        if stated and stated.split("/")[0] != spec_id:
-            warnings.append(f"modelspec.architecture says {stated}, the keys and shapes say {spec_id}/lora")
-    if lora.architecture in SS_BASE_MODEL_VERSION:
-        out["ss_base_model_version"] = SS_BASE_MODEL_VERSION[lora.architecture]
-    stated = metadata.get("ss_base_model_version")
-    if stated and normalise_base_model_version(stated) not in (None, lora.architecture):
-        warnings.append(f"ss_base_model_version says {stated}, the keys and shapes say {lora.architecture}")
+    if spec_id in SS_BASE_MODEL_VERSION:
+        out["ss_base_model_version"] = SS_BASE_MODEL_VERSION[spec_id]
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        stated = metadata.get(key)
+        if stated and metadata_hint({key: stated}) != lora.architecture:
+            warnings.append(f"{key} says {stated}, the keys and shapes say {lora.architecture} ({out.get(key)})")
     adapters = [a for a in lora.adapters.values() if a.rank is not None]
     ranks = Counter(a.rank for a in adapters)
     alphas = Counter(a.rank if a.alpha is None else a.alpha_value for a in adapters)

@@ -11,11 +11,13 @@ import json
 import re
 from dataclasses import dataclass
 
-EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
+FILE_SUFFIXES = "safetensors|ckpt|pt|pth|bin|gguf|png|jpe?g|webp|txt|json|ya?ml|toml"
+EMAIL = re.compile(rf"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.(?!(?:{FILE_SUFFIXES})\b)[A-Za-z]{{2,24}}\b")
 # an absolute path inside text: POSIX (two segments or more, not part of a URL or a relative path),
-# Windows drive or UNC, or home-relative; it ends at whitespace, a quote or a comma
+# Windows drive (folders may hold spaces: `C:\\Users\\John Doe\\`) or UNC, or home-relative; it ends at whitespace,
+# a quote or a comma
 PATH_IN_TEXT = re.compile(r"""(?<![\w:/.\\~-])(?:/[^/\s"',;]+(?:/[^/\s"',;]*)+"""
-                          r"""|[A-Za-z]:[\\/][^\s"',;]*"""
+                          r"""|[A-Za-z]:[\\/](?:[^\\/"',;:\n]+[\\/])*[^\s\\/"',;]*"""
                           r"""|\\\\[^\\\s"',;]+\\[^\s"',;]*"""
                           r"""|~[\w.-]*/[^\s"',;]*)""")
 WHOLE_PATH = re.compile(r"""^(?:/|[A-Za-z]:[\\/]|\\\\|~[\w.-]*[\\/])""")
@@ -45,16 +47,22 @@ class PrivateItem:
         return {"key": self.key, "found": self.found, "reason": self.reason, "suggestion": self.suggestion}
 
 
+def _user(path: str) -> str | None:
+    m = USER_IN_PATH.search(path)
+    return m and (m.group(1) or m.group(2))
+
+
 def _basename(path: str) -> str:
-    """The last component of a POSIX or Windows path (no folders, so no user name)."""
+    """The last component of a POSIX or Windows path (no folders, so no user name; a path that ends at a home
+    folder becomes `<path>`)."""
     parts = [p for p in re.split(r"[\\/]", path) if p]
-    return parts[-1] if parts and not re.fullmatch(r"[A-Za-z]:|~[\w.-]*", parts[-1]) else "<path>"
+    if not parts or re.fullmatch(r"[A-Za-z]:|~[\w.-]*", parts[-1]) or parts[-1] == _user(path):
+        return "<path>"
+    return parts[-1]
 
 
 def _path_reason(path: str) -> str:
-    m = USER_IN_PATH.search(path)
-    user = m and (m.group(1) or m.group(2))
-    if user:
+    if user := _user(path):
         return f"absolute path naming the user {user!r}"
     return "path in the user's home folder" if path.startswith("~") else "absolute path (reveals the folder layout)"
 
@@ -67,7 +75,9 @@ class _Redactor:
 
     def text(self, s: str, *, file_name: bool = False) -> str:
         stripped = s.strip()
-        if WHOLE_PATH.match(stripped) or (file_name and re.search(r"[\\/]", stripped)):
+        # a file name key with folders; one `/` and no `\` is a Hugging Face repo id (owner/name), kept
+        with_folders = file_name and ("\\" in stripped or stripped.count("/") > 1)
+        if WHOLE_PATH.match(stripped) or with_folders:
             reason = _path_reason(stripped) if WHOLE_PATH.match(stripped) else "file name with its folders"
             self.found.append((stripped, reason))
             return _basename(stripped)

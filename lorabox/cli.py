@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import __version__
+from .keymap import architecture_names
 
 
 def _fail(exc: BaseException) -> None:
@@ -48,7 +49,7 @@ class _Group(click.Group):
             _fail(exc)
 
 
-arch_option = click.option("--arch", type=click.Choice(["sd15", "sdxl", "flux1"]), default=None,
+arch_option = click.option("--arch", type=click.Choice(architecture_names()), default=None,
                            help="Architecture, when the keys alone cannot tell.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
@@ -88,6 +89,8 @@ def inspect_cmd(file, arch, as_json):
     click.echo(f"{info['file']}")
     size = f" ({info['size']})" if info["size"] != "unknown" else ""
     click.echo(f"  architecture  {info['architecture']}: {info['title']}{size}")
+    if info["variant"]:
+        click.echo(f"  variant       {info['variant']}: {info['variant_title']}")
     for note in info["size_notes"][:2]:
         click.echo(f"                {note}")
     if len(info["size_notes"]) > 2:

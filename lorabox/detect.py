@@ -25,6 +25,8 @@ METADATA_HINTS = {
     # ai-toolkit arch names, and the modelspec ids lorabox gives FLUX.2 (key_maps/flux2.toml)
     "flux2": "flux2", "flux2_klein_4b": "flux2", "flux2_klein_9b": "flux2",
     "flux-2-dev": "flux2", "flux-2-klein-4b": "flux2", "flux-2-klein-9b": "flux2",
+    "stable-diffusion-v3-medium": "sd3", "stable-diffusion-v3.5-medium": "sd3", "sd3": "sd3",
+    "stable-diffusion-v3.5-large": "sd35_large",
 }
 # the same hints, for the variant of an architecture whose table has variants
 VARIANT_HINTS = {
@@ -122,7 +124,9 @@ def lora_variant(tensors: dict[str, Tensor], metadata: dict[str, str], architect
             fits[name] = v
     if len(fits) == 1:
         return next(iter(fits))
-    hinted = [VARIANT_HINTS[v] for v in _metadata_values(metadata) if VARIANT_HINTS.get(v) in fits]
+    by_modelspec = {v.modelspec: name for name, v in variants.items() if v.modelspec}
+    hinted = [VARIANT_HINTS.get(v, by_modelspec.get(v)) for v in _metadata_values(metadata)]
+    hinted = [v for v in hinted if v in fits]
     return hinted[0] if hinted else None
 
 

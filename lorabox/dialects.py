@@ -332,11 +332,14 @@ def _peft_config(sd: dict[str, Tensor], arch: Architecture) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _short_names(table_name: str) -> dict[str, str]:
-    """diffusers name -> its shortest dotted suffix that is a suffix of no other diffusers name of the table."""
+    """diffusers name -> its shortest dotted suffix that ends no other module path of the model: neither another
+    diffusers name of the table nor a container above one (PEFT matches targets against every module, so FLUX.2's
+    `0.attn.to_out` would also name the ModuleList `transformer_blocks.0.attn.to_out`)."""
     from .keymap import load_table
 
     names = [d for m in load_table(table_name).modules.values() for d in m.diffusers]
-    counts = Counter(tuple(n.split(".")[-k:]) for n in names for k in range(1, n.count(".") + 2))
+    paths = {tuple(n.split(".")[:j]) for n in names for j in range(1, n.count(".") + 2)}
+    counts = Counter(path[-k:] for path in paths for k in range(1, len(path) + 1))
     out = {}
     for n in names:
         parts = n.split(".")

@@ -5,7 +5,9 @@ its diffusers name(s), how a canonical weight splits into several diffusers weig
 transforms. Templates are expanded from small integer expressions (`3*l + j + 1`, `range(depth[l])`).
 A table may list `[variants.<name>]` (sizes of one model family sharing the names, e.g. FLUX.2 dev / Klein): each
 variant overrides `vars` (block counts; a group whose `for` range is empty is absent from it) and `dims`, and the
-table itself is expanded with the top-level `vars`, which must span every variant.
+table itself is expanded with the top-level `vars`, which must span every variant. A table with `extends = "<other>"`
+takes every top-level key of the other table that it does not set itself (a size that cannot be a variant because
+some module differs, e.g. SD3.5 Large's block 23).
 Nothing here knows any particular architecture.
 """
 from __future__ import annotations
@@ -208,11 +210,19 @@ def fingerprint_width(fp: dict, dims: dict[str, int]) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def load_table(name: str) -> Table:
+def read_table_data(name: str) -> dict:
+    """A table file's data, with the keys it leaves out taken from the table it `extends`."""
     path = key_maps_dir() / f"{name}.toml"
     if not path.is_file():
         raise KeyMapError(f"no key map {path.name} in {path.parent}")
     data = tomllib.loads(path.read_text())
+    base = data.pop("extends", None)
+    return {**read_table_data(base), **data} if base else data
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(name: str) -> Table:
+    data = read_table_data(name)
     consts = dict(data.get("vars", {}))
     table = Table(data["architecture"], data.get("title", name), dict(data.get("dims", {})),
                   list(data.get("fingerprints", [])))
@@ -251,7 +261,7 @@ def architecture_names() -> list[str]:
     """Architectures with a denoiser table (text-encoder tables are reached through them)."""
     out = []
     for path in sorted(key_maps_dir().glob("*.toml")):
-        if path.stem != "dialects" and "[components.unet]" in path.read_text():
+        if path.stem != "dialects" and "unet" in read_table_data(path.stem).get("components", {}):
             out.append(path.stem)
     return out
 
@@ -260,7 +270,7 @@ def architecture_names() -> list[str]:
 def load_architecture(name: str) -> Architecture:
     if name not in architecture_names():
         raise UnknownArchitecture(f"unknown architecture {name!r}.", hint=f"Known: {', '.join(architecture_names())}.")
-    data = tomllib.loads((key_maps_dir() / f"{name}.toml").read_text())
+    data = read_table_data(name)
     components = {}
     for cname, spec in data["components"].items():
         table = load_table(spec.get("table", name))

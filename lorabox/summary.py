@@ -6,7 +6,7 @@ import re
 from collections import Counter
 
 from .conversion import lora_from_state_dict
-from .detect import candidates, fingerprint, metadata_hint
+from .detect import candidates, fingerprint, lora_variant, metadata_hint
 from .io.safetensors import read_tensors
 from .keymap import load_architecture
 
@@ -40,10 +40,13 @@ def inspect_file(path: str | os.PathLike, *, arch: str | None = None) -> dict:
     ranks = Counter(a.rank for a in lora.adapters.values() if a.rank is not None)
     alphas = Counter(a.alpha_value for a in lora.adapters.values() if a.alpha is not None)
     ranked = candidates(tensors, metadata) if arch is None else []
+    variant = lora_variant(tensors, metadata, lora.architecture)
     return {
         "file": str(path),
         "architecture": lora.architecture,
         "title": spec.title,
+        "variant": variant,  # the size within the family (FLUX.2 dev / Klein 4B / 9B), when its table has variants
+        "variant_title": spec.unet.table.variants[variant].title if variant else None,
         "size": "published" if matches and not mismatches else "non-standard widths" if mismatches else "unknown",
         "size_notes": mismatches[:5],
         "metadata_says": metadata_hint(metadata),

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Write the small LoRA fixtures in fixtures/ from the real libraries' code paths, deterministically.
 
-    .venv/bin/python scripts/make_fixtures.py
+    .venv/bin/python scripts/make_fixtures.py [NAME ...]     (names such as flux2_peft: only those files)
 
 Every file is for the tiny models of tests/oracles/tiny_models.py (the wide Flux file for wide_flux_single()) and is
 checked by loading it through diffusers (tests/oracles/diffusers_oracle.fused_weights) before the summary line.
 
-* ``<arch>_peft.safetensors`` (sd15, sdxl, flux1): peft ``LoraConfig(r=4, lora_alpha=8)`` adapters added with
+* ``<arch>_peft.safetensors`` (sd15, sdxl, flux1, flux2, sd3): peft ``LoraConfig(r=4, lora_alpha=8)`` adapters added with
   ``add_adapter`` to the tiny denoiser and text encoder(s), lora_B randomised, saved with the pipeline's
   ``save_lora_weights(..., <component>_lora_layers=get_peft_model_state_dict(model),
   <component>_lora_adapter_metadata=...)`` (metadata from diffusers.training_utils._collate_lora_metadata, as the
@@ -57,10 +57,19 @@ FLUX_TARGETS = [
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     "proj_mlp", "proj_out", "norm_out.linear",
 ]  # fmt: skip
+# FLUX.2 and SD3 as regexes (peft full-matches a string): FLUX.2's single-block `attn.to_out` is a Linear where the
+# double block's `attn.to_out` is a ModuleList, so a suffix list cannot name one without the other.
+FLUX2_TARGETS = (r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|linear_in|linear_out"
+                 r"|to_qkv_mlp_proj)|single_transformer_blocks\.\d+\.attn\.to_out|proj_out|norm_out\.linear"
+                 r"|x_embedder|context_embedder|.*_modulation_?\w*\.linear|time_guidance_embed\..*\.linear_\d")
+SD3_TARGETS = (r".*\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|ff\.net\.0\.proj|ff\.net\.2"
+               r"|ff_context\.net\.0\.proj|ff_context\.net\.2|norm1\.linear|norm1_context\.linear)"
+               r"|proj_out|norm_out\.linear|context_embedder|time_text_embed\..*\.linear_\d")
 # SDXL's third level has 10 transformer blocks per attention; keep blocks 0, 1 and 9 so the file stays < 1 MB.
 SDXL_EXCLUDE = r".*\.transformer_blocks\.[2-8]\..*"
 
-SEEDS = {"sd15": 2101, "sdxl": 2102, "flux1": 2103, "sdxl_sgm": 2201, "flux1_bfl": 2202, "flux1_bfl_wide": 2203}
+SEEDS = {"sd15": 2101, "sdxl": 2102, "flux1": 2103, "flux2": 2104, "sd3": 2105, "sdxl_sgm": 2201, "flux1_bfl": 2202,
+         "flux1_bfl_wide": 2203}
 
 
 def _generator(name: str) -> torch.Generator:
@@ -77,6 +86,11 @@ def _peft_models(arch: str):
     if arch == "sdxl":
         encoders = [("text_encoder", tiny_models.tiny_clip_l()), ("text_encoder_2", tiny_models.tiny_clip_g())]
         return "unet", tiny_models.tiny_sdxl_unet(), encoders, {"exclude_modules": SDXL_EXCLUDE}
+    if arch == "flux2":
+        return "transformer", tiny_models.tiny_flux2(), [], {}
+    if arch == "sd3":
+        encoders = [("text_encoder", tiny_models.tiny_clip_l()), ("text_encoder_2", tiny_models.tiny_clip_g())]
+        return "transformer", tiny_models.tiny_sd3(), encoders, {}
     return "transformer", tiny_models.tiny_flux(), [("text_encoder", tiny_models.tiny_clip_l())], {}
 
 
@@ -98,7 +112,7 @@ def make_peft(arch: str) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     denoiser_name, denoiser, encoders, extra = _peft_models(arch)
-    targets = FLUX_TARGETS if arch == "flux1" else SD_UNET_TARGETS
+    targets = {"flux1": FLUX_TARGETS, "flux2": FLUX2_TARGETS, "sd3": SD3_TARGETS}.get(arch, SD_UNET_TARGETS)
     gen = _generator(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEEDS[arch])  # lora_A init ("gaussian") draws from the global generator
@@ -263,6 +277,8 @@ FIXTURE_ARCH = {
     "sd15_peft": ("sd15", {}),
     "sdxl_peft": ("sdxl", {}),
     "flux1_peft": ("flux1", {}),
+    "flux2_peft": ("flux2", {}),
+    "sd3_peft": ("sd3", {}),
     "sd15_kohya_diffusers_names": ("sd15", {}),
     "sdxl_kohya_diffusers_names": ("sdxl", {}),
     "sdxl_kohya_sgm": ("sdxl", {}),
@@ -312,17 +328,23 @@ def summary(path: Path) -> str:
 
 def main() -> None:
     FIXTURES.mkdir(exist_ok=True)
-    makers = [
-        lambda: make_peft("sd15"),
-        lambda: make_peft("sdxl"),
-        lambda: make_peft("flux1"),
-        lambda: make_kohya_diffusers_names("sd15"),
-        lambda: make_kohya_diffusers_names("sdxl"),
-        make_sdxl_kohya_sgm,
-        make_flux_kohya_bfl,
-        make_flux_kohya_bfl_linear1_wide,
-    ]
-    for make in makers:
+    makers = {
+        "sd15_peft": lambda: make_peft("sd15"),
+        "sdxl_peft": lambda: make_peft("sdxl"),
+        "flux1_peft": lambda: make_peft("flux1"),
+        "flux2_peft": lambda: make_peft("flux2"),
+        "sd3_peft": lambda: make_peft("sd3"),
+        "sd15_kohya_diffusers_names": lambda: make_kohya_diffusers_names("sd15"),
+        "sdxl_kohya_diffusers_names": lambda: make_kohya_diffusers_names("sdxl"),
+        "sdxl_kohya_sgm": make_sdxl_kohya_sgm,
+        "flux1_kohya_bfl": make_flux_kohya_bfl,
+        "flux1_kohya_bfl_linear1_wide": make_flux_kohya_bfl_linear1_wide,
+    }
+    wanted = sys.argv[1:] or list(makers)
+    unknown = sorted(set(wanted) - set(makers))
+    if unknown:
+        raise SystemExit(f"unknown fixture(s) {unknown}; known: {', '.join(makers)}")
+    for make in (makers[name] for name in wanted):
         start = time.perf_counter()
         path = make()
         built = time.perf_counter() - start

@@ -9,7 +9,7 @@ from lorabox.ops import part_rows
 from lorabox.tensor import Tensor
 
 WRITE = ("kohya", "diffusers", "comfyui", "bfl")
-ARCHS = ("sd15", "sdxl", "flux1")
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3", "sd35_large")
 
 
 def rand(rng, shape, dtype="F32"):
@@ -87,3 +87,24 @@ def to_torch(sd):
         else:
             out[k] = torch.from_numpy(arr)
     return out
+
+
+def lora_of_shapes(arch_name: str, shapes: dict[str, tuple[int, ...]], *, rank=1, every=1, seed=0, dtype="BF16",
+                   alpha=1.0, slices=False) -> Lora:
+    """A denoiser LoRA on every `every`-th module of `shapes` (canonical name -> shape of the whole weight: (rows,
+    cols), or (rows, in, kh, kw) for a conv; e.g. the real full-size widths), so that detection and the peers see the
+    shapes a real file has. Small ranks keep it small."""
+    rng = np.random.default_rng(seed)
+    table = load_architecture(arch_name).unet.table
+    lora = Lora(arch_name)
+    for i, (name, (rows, *inner)) in enumerate(sorted(shapes.items())):
+        if i % every:
+            continue
+        module = table.modules[name]
+        parts = module.split if (slices and module.split) else None
+        kernel = (1, 1) if len(inner) == 3 else ()
+        for part, share in enumerate(parts or [1]):
+            part_rows = rows * share // sum(parts) if parts else rows
+            t = {"down": rand(rng, (rank, *inner), dtype), "up": rand(rng, (part_rows, rank, *kernel), dtype)}
+            lora.add(Adapter("unet", name, part if parts else None, t, Tensor.scalar(alpha)))
+    return lora

@@ -82,6 +82,23 @@ def without_aliases(arch: str, modules: list[str]) -> list[list[str]]:
 
 # Names lorabox must produce, per ComfyUI, with the weight each one must patch.
 NAMED = {
+    "flux2": {
+        "lora_unet_double_blocks_7_txt_attn_qkv": "diffusion_model.double_blocks.7.txt_attn.qkv.weight",
+        "diffusion_model.single_stream_modulation.lin": "diffusion_model.single_stream_modulation.lin.weight",
+        "lora_unet_single_blocks_47_linear2": "diffusion_model.single_blocks.47.linear2.weight",
+    },
+    "sd3": {
+        "lora_unet_joint_blocks_23_context_block_adaLN_modulation_1":
+            "diffusion_model.joint_blocks.23.context_block.adaLN_modulation.1.weight",
+        "diffusion_model.joint_blocks.12.x_block.attn2.proj":
+            "diffusion_model.joint_blocks.12.x_block.attn2.proj.weight",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1": "clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+    },
+    "sd35_large": {
+        "lora_unet_joint_blocks_37_x_block_mlp_fc2": "diffusion_model.joint_blocks.37.x_block.mlp.fc2.weight",
+        "diffusion_model.joint_blocks.23.context_block.attn.proj":
+            "diffusion_model.joint_blocks.23.context_block.attn.proj.weight",
+    },
     "sd15": {
         "lora_unet_down_blocks_0_attentions_0_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight",
         "lora_unet_input_blocks_1_1_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight",

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lorabox.conversion import convert, lora_from_state_dict
-from tests.helpers import ARCHS, effective_deltas, random_lora, to_torch
-from tests.oracles.comfy import assert_comfy_loads_all, comfy_apply, requires_comfy
+from tests.helpers import effective_deltas, random_lora, to_torch
+from tests.oracles.comfy import ARCHS, assert_comfy_loads_all, comfy_apply, requires_comfy
 
 pytestmark = requires_comfy
 
@@ -25,6 +25,18 @@ WEIGHTS = {
               ("unet", "single_blocks.1.linear1", "diffusion_model.single_blocks.1.linear1.weight"),
               ("unet", "final_layer.adaLN_modulation.1", "diffusion_model.final_layer.adaLN_modulation.1.weight"),
               ("t5xxl", "encoder.block.0.layer.0.SelfAttention.q", "t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight")],
+    "flux2": [("unet", "double_blocks.0.txt_attn.qkv", "diffusion_model.double_blocks.0.txt_attn.qkv.weight"),
+              ("unet", "single_blocks.47.linear1", "diffusion_model.single_blocks.47.linear1.weight"),
+              ("unet", "double_stream_modulation_img.lin", "diffusion_model.double_stream_modulation_img.lin.weight"),
+              ("unet", "final_layer.adaLN_modulation.1", "diffusion_model.final_layer.adaLN_modulation.1.weight")],
+    "sd3": [("unet", "joint_blocks.0.x_block.attn.qkv", "diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"),
+            ("unet", "joint_blocks.5.x_block.attn2.qkv", "diffusion_model.joint_blocks.5.x_block.attn2.qkv.weight"),
+            ("unet", "joint_blocks.23.context_block.adaLN_modulation.1",
+             "diffusion_model.joint_blocks.23.context_block.adaLN_modulation.1.weight"),
+            ("clip_g", "text_model.encoder.layers.3.mlp.fc1", "clip_g.transformer.text_model.encoder.layers.3.mlp.fc1.weight")],
+    "sd35_large": [("unet", "joint_blocks.23.context_block.attn.proj",
+                    "diffusion_model.joint_blocks.23.context_block.attn.proj.weight"),
+                   ("unet", "final_layer.adaLN_modulation.1", "diffusion_model.final_layer.adaLN_modulation.1.weight")],
     "sdxl": [("unet", "input_blocks.4.1.transformer_blocks.1.attn2.to_k", "diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"),
              ("clip_g", "text_model.encoder.layers.3.mlp.fc1", "clip_g.transformer.text_model.encoder.layers.3.mlp.fc1.weight")],
     "sd15": [("unet", "output_blocks.5.1.proj_in", "diffusion_model.output_blocks.5.1.proj_in.weight"),
@@ -56,7 +68,7 @@ def _spelled(lora, dialect):
 
 
 FIXTURE_FILES = ["sd15_peft", "sd15_kohya_diffusers_names", "sdxl_peft", "sdxl_kohya_diffusers_names", "sdxl_kohya_sgm",
-                 "flux1_peft", "flux1_kohya_bfl", "flux1_kohya_bfl_linear1_wide"]
+                 "flux1_peft", "flux1_kohya_bfl", "flux1_kohya_bfl_linear1_wide", "flux2_peft", "sd3_peft"]
 
 
 @pytest.mark.parametrize("name", FIXTURE_FILES)

@@ -220,9 +220,10 @@ def test_text_encoder_keys_with_and_without_text_model_level_load_the_same():
 
 @pytest.mark.parametrize("arch", oracle.ARCHS)
 def test_tiny_models_have_full_size_key_names(arch):
-    denoiser = {"sd15": tiny_models.tiny_sd15_unet, "sdxl": tiny_models.tiny_sdxl_unet, "flux1": tiny_models.tiny_flux}
+    denoiser = {"sd15": tiny_models.tiny_sd15_unet, "sdxl": tiny_models.tiny_sdxl_unet, "flux1": tiny_models.tiny_flux,
+                "flux2": tiny_models.tiny_flux2, "sd3": tiny_models.tiny_sd3}
     tiny = set(denoiser[arch]().state_dict())
     full = set(tiny_models.full_size_keys(arch))
-    if arch == "flux1":  # 2 + 2 blocks of Flux.1's 19 + 38
+    if arch in ("flux1", "flux2"):  # 2 + 2 blocks of Flux.1's 19 + 38 (FLUX.2 dev's 8 + 48)
         full = {k for k in full if not re.match(r"(single_)?transformer_blocks\.([2-9]|\d\d)\.", k)}
     assert tiny == full

@@ -97,3 +97,90 @@ def test_dora_merge_equals_peft(tmp_path):
         assert (have - want.double()).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), key
         touched += key.endswith(("to_q.weight", "proj_mlp.weight"))
     assert touched
+
+
+# Non-LoRA parameters of the original checkpoints: diffusers name pattern -> original name (re.fullmatch, re.sub).
+_DOUBLE, _SINGLE = r"transformer_blocks\.(\d+)\.", r"single_transformer_blocks\.(\d+)\."
+ORIGINAL_EXTRAS = {
+    "flux2": [(_DOUBLE + rf"attn\.{d}\.weight", rf"double_blocks.\1.{o}.scale")
+              for d, o in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                           ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm"))]
+             + [(_SINGLE + rf"attn\.{d}\.weight", rf"single_blocks.\1.norm.{o}.scale")
+                for d, o in (("norm_q", "query_norm"), ("norm_k", "key_norm"))],
+    "sd3": [(r"pos_embed\.pos_embed", "pos_embed")]
+           + [(_DOUBLE + rf"{d}\.weight", rf"joint_blocks.\1.{o}.weight")
+              for d, o in (("attn.norm_q", "x_block.attn.ln_q"), ("attn.norm_k", "x_block.attn.ln_k"),
+                           ("attn.norm_added_q", "context_block.attn.ln_q"),
+                           ("attn.norm_added_k", "context_block.attn.ln_k"),
+                           ("attn2.norm_q", "x_block.attn2.ln_q"), ("attn2.norm_k", "x_block.attn2.ln_k"))],
+}
+
+
+def _converter(arch: str):
+    from diffusers.loaders import single_file_utils as sfu
+
+    return {"flux2": sfu.convert_flux2_transformer_checkpoint_to_diffusers,
+            "sd3": sfu.convert_sd3_transformer_checkpoint_to_diffusers}[arch]
+
+
+def _original_checkpoint(arch: str, model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A tiny model's weights in the original (BFL / SAI) names: the table's canonical names with fused qkv and the
+    original adaLN order, biases likewise, the other parameters by ORIGINAL_EXTRAS. It is an original checkpoint
+    because diffusers' own single-file converter turns it back into exactly the model's state dict (asserted)."""
+    import re
+
+    from lorabox.keymap import load_table
+    from lorabox.ops import ROW_OPS
+
+    state = model.state_dict()
+    sd = {}
+    for m in load_table(arch).modules.values():
+        for param in ("weight", "bias"):
+            if f"{m.diffusers[0]}.{param}" not in state:
+                continue
+            w = torch.cat([state[f"{d}.{param}"] for d in m.diffusers])
+            if m.op:  # diffusers' layout -> canonical: the inverse row op
+                w = w[torch.from_numpy(ROW_OPS[m.op][1](w.shape[0]))]
+            sd[f"{m.canonical}.{param}"] = w.clone()
+    for key, value in state.items():
+        for pattern, original in ORIGINAL_EXTRAS[arch]:
+            if re.fullmatch(pattern, key):
+                sd[re.sub(pattern, original, key)] = value.clone()
+    back = _converter(arch)({prefix + k: v for k, v in sd.items()})
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    return {prefix + k: v for k, v in sd.items()}
+
+
+MMDIT_MERGES = [("flux2", "bfl", ""), ("flux2", "diffusers", None), ("sd3", "single_file", "model.diffusion_model."),
+                ("sd3", "diffusers", None)]
+
+
+@pytest.mark.parametrize("arch,layout,prefix", MMDIT_MERGES, ids=[f"{a}-{b}" for a, b, _ in MMDIT_MERGES])
+def test_mmdit_merge_equals_diffusers_fuse_lora(tmp_path, arch, layout, prefix):
+    """lorabox merge into a tiny FLUX.2 / SD3 base (an original single file, or a diffusers folder) equals diffusers'
+    fuse_lora of the same LoRA, compared in diffusers' names (single files go back through diffusers' converter)."""
+    import safetensors.torch
+
+    from tests.test_diffusers_peer_mmdit import TINY, lora_for, write
+
+    model = TINY[arch]()
+    if layout == "diffusers":
+        base, out = tmp_path / "transformer", tmp_path / "merged"
+        model.save_pretrained(base, safe_serialization=True)
+    else:
+        base, out = tmp_path / "base.safetensors", tmp_path / "merged.safetensors"
+        safetensors.torch.save_file(_original_checkpoint(arch, model, prefix), base)
+    lora = write(lora_for(arch), "diffusers", tmp_path / "lora.safetensors")
+    report = merge(base, [(lora, 1.0)], out)
+    assert (report.architecture, report.layout) == (arch, layout)
+    got = safetensors.torch.load_file(out if layout != "diffusers" else next(out.glob("*.safetensors")))
+    if layout != "diffusers":
+        got = _converter(arch)(got)
+    ref, before = fused_weights(arch, lora), base_weights(arch)
+    assert {f"transformer.{k}" for k in got} == {k for k in ref if k.startswith("transformer.")}
+    changed = 0
+    for key, have in got.items():
+        want = ref[f"transformer.{key}"]
+        assert (have.double() - want.double()).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), key
+        changed += not torch.equal(want, before[f"transformer.{key}"])
+    assert changed >= report.merged > 0  # a fused qkv is one merged tensor, three diffusers ones

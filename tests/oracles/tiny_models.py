@@ -24,6 +24,8 @@ SEED_WIDE_FLUX = 1504
 SEED_CLIP_L = 1505
 SEED_CLIP_G = 1506
 SEED_T5 = 1507
+SEED_FLUX2 = 1508
+SEED_SD3 = 1509
 
 # Text encoder widths.  CLIP-L and CLIP-G differ on purpose, so a mix-up between SDXL's encoders changes shapes.
 CLIP_L_HIDDEN = 32
@@ -84,6 +86,37 @@ FLUX_CONFIG = dict(
     axes_dims_rope=(4, 6, 6),
 )
 
+# FLUX.2 (dev topology: guidance embedder; Klein has none): two of each block kind, hidden 32.
+FLUX2_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    timestep_guidance_channels=16,
+    axes_dims_rope=(4, 4, 4, 4),
+    guidance_embeds=True,
+)
+
+# SD3.5 Medium topology (24 blocks, the last context-only, second attention in blocks 0-12), hidden 16.
+SD3_CONFIG = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=24,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    caption_projection_dim=16,
+    pooled_projection_dim=12,
+    pos_embed_max_size=8,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
 WIDE_FLUX_CONFIG = dict(FLUX_CONFIG, num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24)
 
 # The full-size published configs (ORACLES.md section 2), to check that the tiny models' keys match.
@@ -122,6 +155,15 @@ FULL_FLUX1_DEV_CONFIG = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
+FULL_SD35_MEDIUM_CONFIG = dict(
+    num_layers=24,
+    num_attention_heads=24,
+    caption_projection_dim=1536,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
 
 @contextlib.contextmanager
 def _seeded(seed: int):
@@ -158,6 +200,20 @@ def tiny_flux():
 
     with _seeded(SEED_FLUX):
         return _finish(FluxTransformer2DModel(**FLUX_CONFIG))
+
+
+def tiny_flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    with _seeded(SEED_FLUX2):
+        return _finish(Flux2Transformer2DModel(**FLUX2_CONFIG))
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    with _seeded(SEED_SD3):
+        return _finish(SD3Transformer2DModel(**SD3_CONFIG))
 
 
 def wide_flux_single():
@@ -282,7 +338,25 @@ def flux_pipeline(wide: bool = False):
     )
 
 
-PIPELINES = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "flux1": flux_pipeline}
+def flux2_pipeline():
+    """FLUX.2's pipeline around the tiny transformer only (LoRA goes into the transformer alone)."""
+    from diffusers import Flux2Pipeline
+
+    return Flux2Pipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=tiny_flux2())
+
+
+def sd3_pipeline():
+    """SD3's pipeline with the tiny MMDiT and the two CLIPs its loader puts LoRA into (T5 gets none)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3(), scheduler=None, vae=None, text_encoder=tiny_clip_l(), tokenizer=None,
+        text_encoder_2=tiny_clip_g(), tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+PIPELINES = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "flux1": flux_pipeline, "flux2": flux2_pipeline,
+             "sd3": sd3_pipeline}
 
 
 def pipeline(arch: str, wide: bool = False):
@@ -299,12 +373,14 @@ def pipeline(arch: str, wide: bool = False):
 @functools.cache
 def full_size_keys(arch: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the full-size published denoiser, built on the meta device (no memory, no weights)."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
     cls, config = {
         "sd15": (UNet2DConditionModel, FULL_SD15_CONFIG),
         "sdxl": (UNet2DConditionModel, FULL_SDXL_CONFIG),
         "flux1": (FluxTransformer2DModel, FULL_FLUX1_DEV_CONFIG),
+        "flux2": (Flux2Transformer2DModel, {}),  # the class defaults are FLUX.2 dev's
+        "sd3": (SD3Transformer2DModel, FULL_SD35_MEDIUM_CONFIG),
     }[arch]
     with torch.device("meta"):
         model = cls(**config)

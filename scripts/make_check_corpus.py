@@ -32,7 +32,8 @@ from lorabox.quant.fp8 import round_fp8  # noqa: E402
 from lorabox.tensor import Tensor, storage_dtype  # noqa: E402
 
 FIXTURES = REPO / "fixtures"
-CLEAN_SOURCES = {"sd15": "sd15_peft", "sdxl": "sdxl_kohya_sgm", "flux1": "flux1_kohya_bfl"}
+CLEAN_SOURCES = {"sd15": "sd15_peft", "sdxl": "sdxl_kohya_sgm", "flux1": "flux1_kohya_bfl", "flux2": "flux2_peft",
+                 "sd3": "sd3_peft"}
 DIALECTS = ("kohya", "comfyui", "diffusers")
 
 

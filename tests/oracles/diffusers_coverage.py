@@ -40,6 +40,17 @@ def _stem(key: str) -> str:
     return _ANY_SUFFIX.sub("", key)
 
 
+def _from(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """A converted `a` comes from the original down `b`: equal up to a scalar, or up to a scalar to one of b's row
+    blocks (a fused qkv whose B is block-diagonal is split by chunking A)."""
+    if a.shape == b.shape:
+        return _proportional(a, b)
+    rows = a.shape[0]
+    if a.shape[1:] != b.shape[1:] or rows == 0 or b.shape[0] % rows:
+        return False
+    return any(_proportional(a, chunk) for chunk in torch.split(b, rows))
+
+
 def _proportional(a: torch.Tensor, b: torch.Tensor) -> bool:
     """a == c * b for one scalar c != 0 (diffusers folds alpha/rank into A by powers of two, or not at all)."""
     if a.shape != b.shape:
@@ -93,7 +104,7 @@ def _trace(arch, pipe, path, original, keys_by_stem, downs) -> DiffusersCoverage
 
     dropped = []
     for stem, down in downs.items():
-        hit = any(_proportional(v, down) for v in loaded_downs)
+        hit = any(_from(v, down) for v in loaded_downs)
         if not hit:
             dropped += keys_by_stem[stem]
     return DiffusersCoverage(sorted(dropped), None)

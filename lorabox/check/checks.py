@@ -29,10 +29,10 @@ FACTOR_ROLES = ("down", "up", "mid", "hada_w1_a", "hada_w1_b", "hada_w2_a", "had
                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 ALPHA_SUFFIXES = (".lora_down.weight", ".hada_w1_a", ".lokr_w1_b", ".lokr_w2_b")  # spellings that carry .alpha
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-SHOWN_KEYS = 6
+SHOWN_KEYS = 6  # keys named in a message; the finding's `keys` lists them all
 EXTRA_BYTES = 1 << 20  # tensor bytes beyond the down/up pairs worth a warning
 # metadata that libraries write from the tensors (module names, ranks): nothing private, and large to scan
-MACHINE_WRITTEN = ("lora_adapter_metadata", "lorabox.folded_alpha")  # keys named in a message; the finding's `keys` lists them all
+MACHINE_WRITTEN = ("lora_adapter_metadata", "lorabox.folded_alpha")
 
 
 @dataclass

@@ -223,6 +223,13 @@ def make_corpus(dest: str | Path) -> list[Case]:
         base=klein9_base)
     add("klein9b_on_klein9b_base", klein_lora("flux2_klein_9b", 9), [("arch.detected", "info")], 0, base=klein9_base,
         clean=True)
+    sd = klein_lora("flux2_klein_9b", 9)
+    stem = "lora_unet_double_blocks_0_img_attn_proj"  # a 9B module the (partial) base file does not hold
+    sd.update({stem + ".lora_down.weight": sd["lora_unet_double_blocks_7_img_attn_proj.lora_down.weight"],
+               stem + ".lora_up.weight": sd["lora_unet_double_blocks_7_img_attn_proj.lora_up.weight"],
+               stem + ".alpha": Tensor.scalar(2.0)})
+    add("klein9b_module_missing_in_base", sd, [("coverage.base_missing", "error")], 1, base=klein9_base,
+        keys={"coverage.base_missing": ["unet:double_blocks.0.img_attn.proj"]})
 
     # unusable input (exit 2)
     path = dest / "pickled.ckpt"

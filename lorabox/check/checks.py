@@ -386,9 +386,12 @@ def against_base(ctx: Context) -> None:
     from ..merge.plan import make_plan
 
     plan = make_plan(base.checkpoint, [(ctx.lora, 1.0)], arch=base.architecture, drop_unknown=True)
-    if plan.dropped:
-        ctx.add("coverage.base_missing", f"{len(plan.dropped)} adapter(s) land on no weight of {base.path} "
-                f"({base.layout} layout): {_shown(plan.dropped)}.", plan.dropped)
+    # a component the layout does not map (SDXL's OpenCLIP text encoder in a single file) is not the LoRA's fault
+    mapped = ctx.arch.layouts.get(base.layout, {})
+    lost = [name for name in plan.dropped if name.split(":", 1)[0] in mapped]
+    if lost:
+        ctx.add("coverage.base_missing", f"{len(lost)} adapter(s) land on no weight of {base.path} "
+                f"({base.layout} layout): {_shown(lost)}.", lost)
 
 
 @check("coverage.diffusers_drops", "coverage.diffusers_refuses", "coverage.comfyui_drops", "coverage.kohya_drops",

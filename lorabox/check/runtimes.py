@@ -174,8 +174,8 @@ def kohya_rules(arch_name: str) -> tuple[Rule, ...]:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _rule(runtime: str, *where: str) -> Rule | None:
-    """The first rule matching (arch, spelling, component, naming, module name); cached, as a folder of LoRAs
-    repeats the same modules."""
+    """The first rule matching (arch, spelling, component, naming, module name, suffix family); cached, as a folder
+    of LoRAs repeats the same modules."""
     rules = kohya_rules(where[0]) if runtime == "kohya" else RULES[runtime]
     return next((r for r in rules if r.matches(*where)), None)
 
@@ -190,6 +190,7 @@ def _where(arch_name: str, p: ParsedKey) -> tuple[str, str, str, str, str, str]:
 
 @functools.lru_cache(maxsize=1 << 17)
 def suffix_family(key: str) -> str:
+    """kohya, peft, diffsynth, diffusers-old or xlabs: how the key's suffix spells its tensor."""
     suffix = next(sfx for sfx, _, _ in _suffixes() if key.endswith(sfx))
     return FAMILY_OF_SUFFIX.get(suffix) or (OLD if suffix.startswith(".processor.") else KOHYA)
 

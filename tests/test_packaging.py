@@ -28,4 +28,6 @@ def test_installed_wheel_loads_every_table(tmp_path):
             "print(sorted(names), k.key_maps_dir())")
     proc = subprocess.run([str(py), "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "['flux1', 'sd15', 'sdxl']" in proc.stdout
+    from lorabox.keymap import architecture_names
+
+    assert str(sorted(architecture_names())) in proc.stdout  # the wheel carries every table of the source tree

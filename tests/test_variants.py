@@ -155,3 +155,18 @@ def test_inspect_names_the_variant_and_arch_settles_a_tie(tmp_path):
     assert "variant       flux2_klein_4b: FLUX.2 [klein] 4B" in settled.output
     info = inspect_file(path, arch="flux2")
     assert (info["variant"], info["size"]) == ("flux2_klein_4b", "published")
+
+
+@pytest.mark.parametrize("model,arch,variant", MODELS, ids=[m[0] for m in MODELS])
+def test_base_architecture_from_its_weight_names(tmp_path, model, arch, variant):
+    """Every weight of a published model, under its original names (tiny shapes: only names count here): the base
+    is taken for the right table, though FLUX.2 Klein shares most names with FLUX.1 and SD3.5 Large with SD3."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lorabox.merge.plan import detect_base
+
+    table = load_architecture(arch).unet.table
+    names = table.variants[variant].modules if variant else set(full_shapes(model, arch))
+    save_file({f"{m}.weight": torch.zeros(2, 2) for m in names}, tmp_path / "base.safetensors")
+    assert detect_base(open_base(tmp_path / "base.safetensors"))[:2] == (arch, "bfl" if "flux" in arch else "bare")

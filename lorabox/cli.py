@@ -409,5 +409,93 @@ def card_cmd(file, repo_id, base_model, trigger, license_, license_name, license
         click.echo(f"{f.level}: {f.message}", err=f.level != "info")
 
 
+@main.command("check")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--base", type=click.Path(), default=None,
+              help="Base checkpoint file or diffusers model folder: flag LoRAs of another architecture or variant, "
+                   "and adapters that land on no weight of it.")
+@click.option("--for", "target", type=click.Choice(["comfyui", "diffusers", "kohya", "civitai", "hf"]), default=None,
+              help="Grade for this runtime or hub: its dropped keys become errors (runtimes), metadata and privacy "
+                   "findings become warnings/errors and hashes are listed (hubs).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Worker processes (default: one per CPU).")
+@click.option("--strict", is_flag=True, help="Warnings fail the check too (exit 1).")
+@click.option("--verbose", "-v", is_flag=True, help="Show info findings for every file (shown by default for one file).")
+@arch_option
+@json_option
+@click.pass_context
+def check_cmd(ctx, paths, base, target, jobs, strict, verbose, arch, as_json):
+    """Check LoRA files and folders: graded findings (error / warning / info), each with a stable id and a remedy.
+
+    Container (safetensors only, pickle refused, header sane), NaN/Inf, dead modules, down/up pairing and ranks,
+    alpha, architecture vs metadata and --base, which keys diffusers, ComfyUI and kohya would drop, one dialect
+    per file, dtypes, size, metadata completeness and private data. Folders are scanned recursively and checked in
+    parallel. Exit 0 when nothing blocks, 1 when a check fails, 2 when an input is unusable. --json prints JSON
+    Lines: one object per finding, then a summary line.
+
+    \b
+    Example:
+      lorabox check my_lora.safetensors --for comfyui
+      lorabox check loras/ --jobs 4 --json > findings.jsonl
+      lorabox check klein_lora.safetensors --base flux-2-klein-9b.safetensors
+    """
+    from tqdm import tqdm
+
+    from .check.runner import check_paths, summarize
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="file", desc="check", disable=True if as_json or total < 2 else None,
+                       leave=False)
+        bar.update(done - bar.n)
+
+    reports = []
+    try:
+        for report in check_paths(paths, base=base, target=target, arch=arch, jobs=jobs, progress=progress):
+            reports.append(report)
+            if as_json:
+                for f in report.findings:
+                    click.echo(json.dumps(f.as_dict()))
+            else:
+                _render_report(report, verbose=verbose or len(paths) == 1 and not _is_dir(paths[0]), strict=strict,
+                               echo=(bar.write if bar is not None and not bar.disable else click.echo))
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = summarize(reports, strict=strict)
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif len(reports) > 1:
+        _render_summary(summary)
+    ctx.exit(summary["exit_code"])
+
+
+def _is_dir(path: str) -> bool:
+    import os
+
+    return os.path.isdir(path)
+
+
+def _render_report(report, *, verbose: bool, strict: bool, echo) -> None:
+    shown = [f for f in report.findings if verbose or f.grade != "info"]
+    code = report.exit_code(strict)
+    status = {0: "ok", 1: "FAIL", 2: "UNUSABLE"}[code]
+    what = ", ".join(x for x in (report.architecture, report.dialect) if x)
+    echo(f"{report.file}: {status}" + (f" ({what})" if what else ""))
+    for f in shown:
+        echo(f"  {f.grade:7s} {f.id:26s} {f.message}")
+        if f.remedy and f.grade != "info":
+            echo(f"  {'':7s} {'':26s} fix: {f.remedy}")
+
+
+def _render_summary(summary: dict) -> None:
+    click.echo(f"\nchecked {summary['files']} files: {summary['ok']} ok, {summary['failed']} failed, "
+               f"{summary['unusable']} unusable")
+    for name, count in summary["findings"].items():
+        click.echo(f"  {count:6d}  {name}")
+
+
 if __name__ == "__main__":
     main()

@@ -64,6 +64,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on a GPU, else no), bf16, fp16, no
     gradient_checkpointing: bool | None = None
     seed: int = 42
+    cpu_threads: int | None = None  # torch threads when training on a CPU (None: torch's default)
     # objective
     objective: str | None = None  # flow, epsilon, v_prediction: default (and only allowed) = the base's own
     timestep_sampling: str = "logit_normal"  # flow: logit_normal, mode, uniform
@@ -82,7 +83,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 100  # held-out loss at fixed timestep quantiles
     eval_quantiles: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    holdout: int = 0  # images kept out of training for the held-out loss (0: evaluate on the training images)
+    holdout: int = 0  # images of `data` kept out of training for the held-out loss
+    eval_data: str | None = None  # a folder of held-out images + captions (default: `holdout`, else training images)
     sample_every: int = 0  # 0: samples only before and after training
     sample_prompts: tuple[str, ...] | None = None  # default: the first caption (with trigger) and one without
     sample_steps: int | None = None
@@ -181,3 +183,34 @@ def describe(cfg: TrainConfig, arch: str, objective: str) -> list[str]:
         f"samples     {cfg.sample_steps} steps at guidance {cfg.sample_guidance:g}, seed {cfg.sample_seed}",
         f"output      {cfg.output}/{cfg.name}.safetensors ({cfg.format}), checkpoints every {cfg.checkpoint_every}",
     ]
+
+
+# The built-in tiny base (fixtures/tiny_flux, made by scripts/make_tiny_base.py) and the run `lorabox train --minimal`
+# does on it: small enough for a CPU in well under two minutes, long enough to learn the data set's concept.
+TINY_BASE = "tiny_flux"
+TINY_RUN = dict(cpu_threads=1, steps=200, rank=8, alpha=8.0, learning_rate=2e-3, batch_size=4, checkpoint_every=100,
+                eval_every=50, gradient_checkpointing=False, output="lorabox-minimal")
+
+
+def fixtures_dir() -> Path:
+    """fixtures/ inside the installed package, or at the top of a source checkout (as key_maps/)."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here / "fixtures", here.parent / "fixtures"):
+        if (candidate / TINY_BASE / "model_index.json").is_file():
+            return candidate
+    raise TrainingError("the built-in tiny base is not installed (fixtures/tiny_flux).",
+                        hint="Pass DATA_DIR and --base, or regenerate it with scripts/make_tiny_base.py.")
+
+
+def builtin_layer() -> dict:
+    """Config values for `--minimal` with neither data nor base: the tiny base, its data set and trigger."""
+    root = fixtures_dir()
+    base = root / TINY_BASE
+    facts = json.loads((base / "lorabox_tiny.json").read_text())
+    layer = dict(TINY_RUN, base=str(base), trigger=facts.get("trigger"))
+    for key, field_ in (("dataset", "data"), ("validation_dataset", "eval_data")):
+        if facts.get(key):
+            layer[field_] = str(root.parent / facts[key]) if not Path(facts[key]).is_absolute() else facts[key]
+            if not Path(layer[field_]).is_dir():  # an installed package keeps them beside the base
+                layer[field_] = str(root / Path(facts[key]).name)
+    return layer

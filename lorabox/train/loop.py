@@ -52,6 +52,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress=None) -> TrainResu
     Example:
         >>> train(TrainConfig(data="photos/", base="FLUX.1-dev/", output="out/", trigger="sks"))
     """
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)  # tiny models on a busy CPU: more threads only spin against each other
+    try:
+        return _train(cfg, resume=resume, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -66,6 +76,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress=None) -> TrainResu
     objective = models.make_objective(cfg, cfg.base)  # refuses an objective the base was not trained with
     keymap = _keymap(arch)
     dataset = data_mod.scan(cfg.data, trigger=cfg.trigger, min_side=cfg.min_image_side)
+    eval_set = data_mod.scan(cfg.eval_data, trigger=cfg.trigger, min_side=cfg.min_image_side) if cfg.eval_data else None
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     state = _find_checkpoint(out) if resume else None
@@ -84,7 +95,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress=None) -> TrainResu
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
     family = models.load_base(cfg, arch, weight_dtype)
     pipe = family.pipe
-    data_mod.assign_buckets(dataset, cfg.resolution, family.pixel_multiple)
+    for ds in (dataset, eval_set):
+        if ds is not None:
+            data_mod.assign_buckets(ds, cfg.resolution, family.pixel_multiple)
     pipe.to(device)
 
     # 1. cache latents and text embeddings (main process first, so the others read the cache)
@@ -92,13 +105,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress=None) -> TrainResu
     prompts = list(cfg.sample_prompts or _default_prompts(dataset, cfg.trigger))
     with accelerator.main_process_first():
         latents = [_latent(family, cache, item, device) for item in dataset.items]
-        captions = sorted({item.caption for item in dataset.items} | set(prompts) | {""})
+        held = [(_latent(family, cache, item, device), item.caption) for item in (eval_set.items if eval_set else [])]
+        captions = sorted({item.caption for item in dataset.items} | {c for _, c in held} | set(prompts) | {""})
         embeds = {c: _embedding(family, cache, c, device, cfg.max_sequence_length) for c in captions}
     emit({"event": "note", "text": f"cache: {cache.hits} reused, {cache.misses} computed ({cfg.cache_dir})"})
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             setattr(pipe, name, None)  # embeddings are cached; free the encoders' memory
     train_idx, eval_idx = _split(len(dataset.items), cfg.holdout)
+    held = held or [(latents[i], dataset.items[i].caption) for i in (eval_idx or train_idx[:4])]
+    held_out = bool(eval_set or eval_idx)
 
     # 2. the adapter
     model = getattr(pipe, family.denoiser)
@@ -122,7 +138,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress=None) -> TrainResu
         emit({"event": "note", "text": f"resumed from {state} (step {start})"})
 
     # 3. the loop
-    seq_len = family.seq_len(latents[0].shape)
     last_good = state
     model.train()
     emit({"event": "begin", "start": start, "total": cfg.steps})
@@ -154,10 +169,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress=None) -> TrainResu
         done = step + 1
         emit({"event": "step", "step": done, "total": cfg.steps, "loss": value})
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            evals.append({"step": done, **_eval_loss(family, model, objective, latents, embeds, dataset,
-                                                     eval_idx or train_idx[:4], cfg, device, weight_dtype, seq_len)})
+            evals.append({"step": done, "held_out": held_out,
+                          **_eval_loss(family, model, objective, held, embeds, cfg, device, weight_dtype)})
             emit({"event": "eval", **evals[-1]})
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 last_good = _save_checkpoint(out, plain, optimizer, done, losses, evals, cfg)
@@ -222,13 +237,22 @@ def _component_prefix(keymap: str) -> str:
     return load_architecture(keymap).unet.prefixes["diffusers"]
 
 
+# lorabox_tiny.json (written with the built-in tiny base) -> config fields
+BASE_FACTS = {"resolution": "resolution", "num_inference_steps": "sample_steps", "guidance_scale": "sample_guidance",
+              "max_sequence_length": "max_sequence_length"}
+
+
+def base_facts(base: str | Path) -> dict:
+    path = Path(base) / BASE_DEFAULTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _base_defaults(base: str) -> dict:
     """Training defaults carried by the base folder (the tiny base's resolution, sampler, prompt length)."""
-    path = Path(base) / BASE_DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return dict(data.get("train_defaults", {}))
+    facts = base_facts(base)
+    out = {field_: facts[key] for key, field_ in BASE_FACTS.items() if key in facts}
+    out.update(facts.get("train_defaults", {}))
+    return out
 
 
 def _optimizer_name(name: str, on_gpu: bool) -> str:
@@ -311,31 +335,33 @@ def _embedding(family, cache, caption: str, device, max_len) -> dict:
     key = cache.text_key(caption, max_len)
     hit = cache.get("text", key)
     if hit is None:
-        out = {k: v[0].float() for k, v in family.encode([caption], device).items() if k in family.prompt_outputs}
+        with models.quiet():
+            out = {k: v[0].float() for k, v in family.encode([caption], device).items() if k in family.prompt_outputs}
         cache.put("text", key, out)
         return {k: v.cpu() for k, v in out.items()}
     return hit
 
 
 @torch.no_grad()
-def _eval_loss(family, model, objective, latents, embeds, dataset, indices, cfg, device, dtype, seq_len) -> dict:
-    """Mean loss over `indices` at fixed timestep quantiles with fixed noise: comparable from one eval to the next."""
+def _eval_loss(family, model, objective, held, embeds, cfg, device, dtype) -> dict:
+    """Mean loss over `held` (latent, caption) pairs at fixed timestep quantiles of the training distribution, with
+    fixed noise: comparable from one evaluation to the next (kohya evaluates at fixed t the same way)."""
     model.eval()
-    ts = objectives.fixed_timesteps(objective, cfg.eval_quantiles, seq_len)
-    per_t = []
-    for j, t in enumerate(ts):
+    per_t, ts = [], None
+    for j, q in enumerate(cfg.eval_quantiles):
         total = 0.0
-        for i in indices:
-            x0 = latents[i].unsqueeze(0).to(device, dtype)
-            cond = {k: embeds[dataset.items[i].caption][k].unsqueeze(0).to(device, dtype) for k in family.prompt_outputs}
+        for i, (latent, caption) in enumerate(held):
+            x0 = latent.unsqueeze(0).to(device, dtype)
+            t = objectives.fixed_timesteps(objective, [q], family.seq_len(x0.shape))
+            ts = (ts or []) + [float(t[0])] if i == 0 else ts
+            cond = {k: embeds[caption][k].unsqueeze(0).to(device, dtype) for k in family.prompt_outputs}
             noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(10_000 + i)).to(device, dtype)
-            d = objectives.draw(objective, x0, noise, timestep=t.reshape(1))
+            d = objectives.draw(objective, x0, noise, timestep=t)
             pred = family.predict(model, d.noisy, d.timestep.to(device), cond, cfg.train_guidance)
             total += objectives.loss(pred, d.target, d.weight.to(device)).item()
-        per_t.append(total / len(indices))
+        per_t.append(total / len(held))
     model.train()
-    return {"loss": sum(per_t) / len(per_t), "per_timestep": per_t, "timesteps": [float(t) for t in ts],
-            "images": len(indices), "held_out": bool(cfg.holdout)}
+    return {"loss": sum(per_t) / len(per_t), "per_timestep": per_t, "timesteps": ts, "images": len(held)}
 
 
 def _mean_tail(losses: list[float], n: int = 20) -> float | None:

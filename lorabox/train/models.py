@@ -8,6 +8,7 @@ Latents are kept unpacked (B, C, H, W) everywhere else: packing is a permutation
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -263,7 +264,8 @@ def load_base(cfg, arch: str, dtype: torch.dtype) -> Family:
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(cfg.base, torch_dtype=dtype)
+        with quiet():
+            pipe = DiffusionPipeline.from_pretrained(cfg.base, torch_dtype=dtype)
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{cfg.base}: cannot load the pipeline ({exc}).") from exc
     pipe.set_progress_bar_config(disable=True)
@@ -275,6 +277,26 @@ def load_base(cfg, arch: str, dtype: torch.dtype) -> Family:
         if module is not None:
             module.requires_grad_(False)  # text encoders and VAE stay frozen; the LoRA adds the only trainables
     return family
+
+
+@contextlib.contextmanager
+def quiet():
+    """diffusers' and transformers' loading bars and info messages off (the CLI owns the terminal), then restored."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error(), tlog.set_verbosity_error()
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0]), tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
 
 
 def _single_file(cfg, family: Family, dtype):

@@ -86,6 +86,7 @@ def metadata(cfg, *, arch: str, steps: int, objective: str, extra: dict | None =
 def save_adapter(lora: Lora, path: str | Path, *, fmt: str, meta: dict[str, str]) -> dict:
     """Write `lora` in dialect `fmt` atomically; returns the conversion report."""
     result = convert(lora, fmt)
+    result.metadata.pop("lorabox.convert", None)  # nothing was converted from a file; `lorabox.train` says what was
     result.metadata.update(meta)
     write_tensors(path, result.tensors, result.metadata)
     result.output = str(path)

@@ -271,3 +271,99 @@ def test_sd15_v_prediction_run_loads_in_diffusers(tmp_path):
     assert any("v_prediction prediction, uniform t in 0..999, min-SNR gamma 5" in line
                for line in events[0]["lines"])
     fused_weights("sd15", result.adapter)  # raises on any key diffusers does not use
+
+
+# --- each architecture's denoiser call equals its pipeline's -----------------------------------------------------
+
+def _tiny_pipeline(arch):
+    """An in-memory tiny pipeline of `arch` (text encoders left out: prompts go in as embeddings)."""
+    import diffusers
+
+    from tests.oracles import tiny_models
+    from tests.train_helpers import tiny_vae
+
+    torch.manual_seed(0)
+    flow = diffusers.FlowMatchEulerDiscreteScheduler
+    if arch == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+            unet=tiny_models.tiny_sdxl_unet(), scheduler=diffusers.EulerDiscreteScheduler(), add_watermarker=False)
+    if arch == "sd3":
+        transformer = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
+                                                      num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                                                      caption_projection_dim=16, joint_attention_dim=32,
+                                                      pooled_projection_dim=24, pos_embed_max_size=16)
+        return diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=flow(shift=3.0), vae=tiny_vae(),
+                                                  text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                  tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    if arch == "flux2":
+        transformer = diffusers.Flux2Transformer2DModel(in_channels=16, num_layers=1, num_single_layers=1,
+                                                        attention_head_dim=16, num_attention_heads=2,
+                                                        joint_attention_dim=32, timestep_guidance_channels=32,
+                                                        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+        vae = diffusers.AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                                           norm_num_groups=4, layers_per_block=1, sample_size=32)
+        return diffusers.Flux2KleinPipeline(scheduler=flow(use_dynamic_shifting=True), vae=vae, text_encoder=None,
+                                            tokenizer=None, transformer=transformer)
+    return diffusers.FluxPipeline(scheduler=flow(use_dynamic_shifting=True), vae=tiny_vae(), text_encoder=None,
+                                  tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                  transformer=tiny_models.tiny_flux())
+
+
+PROMPTS = {  # embeddings in, as each pipeline takes them
+    "sdxl": lambda g: dict(prompt_embeds=torch.randn(1, 6, 80, generator=g),
+                           pooled_prompt_embeds=torch.randn(1, 40, generator=g)),
+    "sd3": lambda g: dict(prompt_embeds=torch.randn(1, 6, 32, generator=g),
+                          pooled_prompt_embeds=torch.randn(1, 24, generator=g)),
+    "flux1": lambda g: dict(prompt_embeds=torch.randn(1, 6, 32, generator=g),
+                            pooled_prompt_embeds=torch.randn(1, 32, generator=g)),
+    "flux2": lambda g: dict(prompt_embeds=torch.randn(1, 6, 32, generator=g)),
+}
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd3", "flux1", "flux2"])
+def test_family_predict_equals_the_pipelines_own_denoiser_call(arch):
+    """The pipeline's first denoiser call is captured; our `predict` on the same latent, timestep and prompt
+    (unpacked into (B, C, H, W) and our timestep convention) must give the same output: packing, position ids,
+    timestep scale, guidance input and SDXL's micro-conditioning all agree with the sampler's."""
+    from types import SimpleNamespace
+
+    from lorabox.train.models import FAMILIES
+
+    pipe = _tiny_pipeline(arch)
+    family = FAMILIES[arch](pipe, SimpleNamespace(max_sequence_length=6))
+    model = getattr(pipe, family.denoiser)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen.setdefault("call", (args, kwargs, output))  # returns None: the output is not replaced
+
+    model.register_forward_hook(hook, with_kwargs=True)
+    embeds = PROMPTS[arch](torch.Generator().manual_seed(3))
+    guidance = 1.0
+    pipe(**embeds, num_inference_steps=2, guidance_scale=guidance, height=32, width=32, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    args, kw, out = seen["call"]
+    out = out[0] if isinstance(out, tuple) else out.sample
+    f = family.vae_factor
+    if arch == "sdxl":
+        noisy, t, expected = args[0], args[1], out
+    elif arch == "sd3":
+        noisy, t, expected = kw["hidden_states"], kw["timestep"] / 1000, out
+    elif arch == "flux1":
+        unpack = type(pipe)._unpack_latents
+        noisy, t, expected = unpack(kw["hidden_states"], 32, 32, f), kw["timestep"], unpack(out, 32, 32, f)
+        guidance = float(kw["guidance"][0])
+    else:
+        side = 32 // (f * 2)
+        unpack = lambda x: x.permute(0, 2, 1).reshape(x.shape[0], -1, side, side)  # noqa: E731
+        noisy, t, expected = unpack(kw["hidden_states"]), kw["timestep"], unpack(out)
+    pred = family.predict(model, noisy, t, embeds, guidance)
+    torch.testing.assert_close(pred, expected)
+    if arch.startswith("flux"):  # the resolution shift's input is the number of image tokens
+        assert family.seq_len(noisy.shape) == kw["hidden_states"].shape[1]
+    if arch == "flux2":  # latents: patchified and batch-norm normalised as the pipeline encodes reference images
+        image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        ours = family.normalise(pipe.vae.encode(image).latent_dist.mode())
+        torch.testing.assert_close(ours, pipe._encode_vae_image(image, generator=None))

@@ -342,6 +342,8 @@ def train_cmd(data, base, output, minimal, fmt, trigger, rank, alpha, steps, res
     finally:
         if bar is not None:
             bar.close()
+    if not result.main_process:
+        return
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return

@@ -41,6 +41,7 @@ class TrainResult:
     skipped: list[tuple[str, str]]
     seconds: float
     config: dict = field(default_factory=dict)
+    main_process: bool = True  # under accelerate, only the main process writes and reports
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,6 +90,8 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     cfg = dataclasses.replace(cfg, mixed_precision=mp, optimizer=optimizer_name)
     accelerator = Accelerator(mixed_precision=mp)
     device = accelerator.device
+    if not accelerator.is_main_process:
+        emit = lambda event: None  # noqa: E731 - one process reports
     emit({"event": "start", "lines": describe(cfg, arch, objective.describe()) + _skipped_lines(dataset)})
     set_seed(cfg.seed)
 
@@ -198,7 +201,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
         _write_log(out, cfg, losses, evals)
         emit({"event": "saved", "report": report})
     return TrainResult(str(adapter_path), arch, len(losses), losses, evals, samples, dataset.skipped,
-                       time.time() - t0, cfg.as_dict())
+                       time.time() - t0, cfg.as_dict(), accelerator.is_main_process)
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------

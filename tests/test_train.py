@@ -181,7 +181,7 @@ def flux_run(flux_base, images, tmp_path_factory):
 def test_a_run_writes_adapter_samples_curve_and_metadata(flux_run):
     result, events = flux_run
     assert result.steps == 6 and len(result.losses) == 6 and all(math.isfinite(v) for v in result.losses)
-    assert [e["step"] for e in result.evals] == [3, 6]
+    assert [e["step"] for e in result.evals] == [0, 3, 6]
     header, meta, _ = read_header(result.adapter)
     assert all(k.startswith("transformer.") and ".lora_" in k for k in header)
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"

@@ -142,6 +142,13 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
 
     # 3. the loop
     last_good = state
+    def evaluate(done: int) -> None:
+        evals.append({"step": done, "held_out": held_out,
+                      **_eval_loss(family, model, objective, held, embeds, cfg, device, weight_dtype)})
+        emit({"event": "eval", **evals[-1]})
+
+    if cfg.eval_every and start == 0:
+        evaluate(0)  # the base's own loss: what the held-out curve starts from
     model.train()
     emit({"event": "begin", "start": start, "total": cfg.steps})
     for step in range(start, cfg.steps):
@@ -172,9 +179,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
         done = step + 1
         emit({"event": "step", "step": done, "total": cfg.steps, "loss": value})
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            evals.append({"step": done, "held_out": held_out,
-                          **_eval_loss(family, model, objective, held, embeds, cfg, device, weight_dtype)})
-            emit({"event": "eval", **evals[-1]})
+            evaluate(done)
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:

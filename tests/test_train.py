@@ -3,9 +3,6 @@ diffusers models writes an adapter that diffusers loads with no unused key and t
 --resume continues the same run; a diverging loss stops and keeps the last good checkpoint."""
 import json
 import math
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,7 +14,15 @@ from lorabox.train.data import scan
 from lorabox.train.loop import train
 from tests.train_helpers import make_images, make_sd15_base, make_tiny_flux_base
 
-CLI = [sys.executable, "-m", "lorabox"]
+
+
+def cli(*args):
+    """Run the `lorabox` command in this process (diffusers is already imported: no 5 s start per call)."""
+    from click.testing import CliRunner
+
+    from lorabox.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 # --- objectives against diffusers ----------------------------------------------------------------------------
@@ -209,13 +214,12 @@ def test_diffusers_loads_the_adapter_with_no_unused_key_and_lorabox_converts_and
     changed = [k for k in fused if not torch.equal(fused[k], base[k])]
     assert len(changed) == 34  # every targeted Linear: 2 x 10 double-block + 2 x 7 single-block (q, k, v, mlp split)
     for to in ("kohya", "comfyui"):
-        proc = subprocess.run([*CLI, "convert", result.adapter, "--to", to, "-o", tmp_path / f"{to}.safetensors"],
-                              capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([*CLI, "merge", flux_base / "transformer", "--lora", tmp_path / "kohya.safetensors",
-                           "-o", tmp_path / "merged", "--json"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["merged"] == 34
+        run = cli("convert", result.adapter, "--to", to, "-o", tmp_path / f"{to}.safetensors")
+        assert run.exit_code == 0, run.output
+    run = cli("merge", flux_base / "transformer", "--lora", tmp_path / "kohya.safetensors", "-o", tmp_path / "merged",
+              "--json")
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout)["merged"] == 34
     from safetensors.torch import load_file
 
     merged = {}
@@ -250,27 +254,31 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(flux_base, images, 
 
 
 def test_cli_refuses_epsilon_on_a_flow_base_in_one_line(flux_base, images, tmp_path):
-    proc = subprocess.run([*CLI, "train", images, "--base", flux_base, "-o", tmp_path / "o", "--objective", "epsilon"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
+    run = cli("train", images, "--base", flux_base, "-o", tmp_path / "o", "--objective", "epsilon")
+    assert run.exit_code == 1 and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    line = run.stderr.strip()
     assert line.startswith("lorabox: error: ") and "trained with the flow objective" in line
     assert "Drop --objective, or pass --objective flow." in line
     assert not (tmp_path / "o").exists()
 
 
-def test_sd15_v_prediction_run_loads_in_diffusers(tmp_path):
+@pytest.mark.parametrize("arch,objective", [("sd15", "v_prediction prediction, uniform t in 0..999, min-SNR gamma 5"),
+                                            ("sdxl", "epsilon prediction, uniform t in 0..999, min-SNR gamma 5")])
+def test_sd_runs_load_in_diffusers(tmp_path, arch, objective):
     from tests.oracles.diffusers_oracle import fused_weights
+    from tests.train_helpers import make_sdxl_base
 
-    base = make_sd15_base(tmp_path / "sd15")
+    base = (make_sd15_base if arch == "sd15" else make_sdxl_base)(tmp_path / arch)
     images = make_images(tmp_path / "images", 2)
     events = []
+    # SDXL's 70 transformer blocks: cross-attention k/v only keeps peft's injection short
+    targets = ("*.attn2.to_k", "*.attn2.to_v") if arch == "sdxl" else None
     result = train(make_config(dict(data=str(images), base=str(base), output=str(tmp_path / "out"), steps=2,
                                     min_snr_gamma=5.0, checkpoint_every=0, eval_every=0, cpu_threads=1,
-                                    sample_prompts=())), progress=events.append)
-    assert any("v_prediction prediction, uniform t in 0..999, min-SNR gamma 5" in line
-               for line in events[0]["lines"])
-    fused_weights("sd15", result.adapter)  # raises on any key diffusers does not use
+                                    sample_prompts=(), targets=targets)), progress=events.append)
+    assert any(objective in line for line in events[0]["lines"])
+    fused_weights(arch, result.adapter)  # raises on any key diffusers does not use
 
 
 # --- each architecture's denoiser call equals its pipeline's -----------------------------------------------------
@@ -367,3 +375,11 @@ def test_family_predict_equals_the_pipelines_own_denoiser_call(arch):
         image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
         ours = family.normalise(pipe.vae.encode(image).latent_dist.mode())
         torch.testing.assert_close(ours, pipe._encode_vae_image(image, generator=None))
+
+
+def test_a_denoiser_file_that_does_not_fit_is_a_clear_error(flux_base, images, flux_run, tmp_path):
+    from lorabox.errors import TrainingError
+
+    adapter = flux_run[0].adapter  # a safetensors file, but no FLUX transformer checkpoint
+    with pytest.raises(TrainingError, match=r"cannot load it as the transformer of .*Pass a checkpoint of the same"):
+        train(_cfg(flux_base, images, tmp_path / "o", denoiser_file=adapter, sample_prompts=()))

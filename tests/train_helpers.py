@@ -84,6 +84,22 @@ def make_sd15_base(folder: Path) -> Path:
     return folder
 
 
+def make_sdxl_base(folder: Path) -> Path:
+    """A StableDiffusionXLPipeline folder with the oracle's tiny SDXL UNet, CLIP-L and CLIP-G, epsilon scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_models.tiny_clip_l(),
+                                     text_encoder_2=tiny_models.tiny_clip_g(), tokenizer=clip_tokenizer(folder / "_t1"),
+                                     tokenizer_2=clip_tokenizer(folder / "_t2"), unet=tiny_models.tiny_sdxl_unet(),
+                                     scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder)
+    (folder / "lorabox_tiny.json").write_text(json.dumps({"train_defaults": {
+        "resolution": 32, "sample_steps": 3, "sample_guidance": 2.0, "gradient_checkpointing": False, "rank": 4,
+        "alpha": 4.0, "learning_rate": 1e-3}}))
+    return folder
+
+
 def make_images(folder: Path, n: int = 4, *, size=(32, 32), caption="a red square", seed: int = 0) -> Path:
     """n PNGs (a bright square on a dark, noisy background) with same-named captions."""
     from PIL import Image

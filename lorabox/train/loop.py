@@ -105,7 +105,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
 
     # 1. cache latents and text embeddings (main process first, so the others read the cache)
     cache = data_mod.Cache(cfg.cache_dir, models.base_id(cfg.base))
-    prompts = list(cfg.sample_prompts or _default_prompts(dataset, cfg.trigger))
+    prompts = list(cfg.sample_prompts if cfg.sample_prompts is not None else _default_prompts(dataset, cfg.trigger))
     with accelerator.main_process_first():
         latents = [_latent(family, cache, item, device) for item in dataset.items]
         held = [(_latent(family, cache, item, device), item.caption) for item in (eval_set.items if eval_set else [])]

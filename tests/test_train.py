@@ -237,7 +237,7 @@ def test_resume_continues_the_same_run_and_reuses_the_cache(flux_run, flux_base,
     events = []
     resumed = train(_cfg(flux_base, images, out, sample_prompts=()), resume=True, progress=events.append)
     assert any(e.get("text", "").startswith("resumed from") and "step-000004" in e["text"] for e in events)
-    assert any(e.get("text", "").startswith("cache: 7 reused, 0 computed") for e in events)
+    assert any(e.get("text", "").startswith("cache: 6 reused, 0 computed") for e in events)
     assert resumed.losses == pytest.approx(first.losses, rel=1e-6)
 
 

@@ -73,6 +73,7 @@ class TrainConfig:
     shift: float | None = None  # flow: override the base's shift (None: the base scheduler's, by resolution for FLUX)
     min_snr_gamma: float | None = None  # DDPM bases: min-SNR-gamma weighting (5 is the usual value)
     train_guidance: float | None = None  # guidance input of guidance-distilled bases while training
+    preserve_weight: float = 0.0  # with a trigger: keep the captions without it at the base's prediction (0: off)
     # data
     resolution: int | None = None
     min_image_side: int | None = None  # smaller images are skipped and reported (default: resolution // 2)
@@ -175,7 +176,9 @@ def describe(cfg: TrainConfig, arch: str, objective: str) -> list[str]:
     return [
         f"base        {cfg.base} ({arch})",
         f"data        {cfg.data}" + (f", trigger {cfg.trigger!r}" if cfg.trigger else ""),
-        f"objective   {objective}",
+        f"objective   {objective}" + (f", preservation {cfg.preserve_weight:g} (captions without the trigger "
+                                           f"kept at the base's prediction)" if cfg.preserve_weight and cfg.trigger
+                                           else ""),
         f"adapter     LoRA rank {cfg.rank}, alpha {cfg.alpha:g}, on {', '.join(cfg.targets)}",
         f"training    {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.learning_rate:g}, {cfg.optimizer} optimizer, "
         f"resolution {cfg.resolution}, mixed precision {cfg.mixed_precision}, "
@@ -188,7 +191,7 @@ def describe(cfg: TrainConfig, arch: str, objective: str) -> list[str]:
 # The built-in tiny base (fixtures/tiny_flux, made by scripts/make_tiny_base.py) and the run `lorabox train --minimal`
 # does on it: small enough for a CPU in well under two minutes, long enough to learn the data set's concept.
 TINY_BASE = "tiny_flux"
-TINY_RUN = dict(cpu_threads=1, steps=200, rank=8, alpha=8.0, learning_rate=2e-3, batch_size=4, checkpoint_every=100,
+TINY_RUN = dict(cpu_threads=1, preserve_weight=1.0, steps=200, rank=8, alpha=8.0, learning_rate=2e-3, batch_size=4, checkpoint_every=100,
                 eval_every=50, gradient_checkpointing=False, output="lorabox-minimal")
 
 

@@ -23,6 +23,7 @@ class Item:
     caption: str
     size: tuple[int, int]  # the image's (width, height)
     digest: str  # sha256 of the file
+    plain_caption: str = ""  # the caption as written, without the trigger
     bucket: tuple[int, int] | None = None  # the (width, height) it is trained at (assign_buckets)
 
 
@@ -89,10 +90,9 @@ def scan(folder: str | Path, *, trigger: str | None = None, min_side: int = 0) -
         if min(size) < min_side:
             skipped.append((path.name, f"too small ({size[0]}x{size[1]}; the shorter side must be >= {min_side})"))
             continue
-        caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        if trigger:
-            caption = f"{trigger}, {caption}" if caption else trigger
-        items.append(Item(path, caption, size, _sha256(path)))
+        plain = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        caption = (f"{trigger}, {plain}" if plain else trigger) if trigger else plain
+        items.append(Item(path, caption, size, _sha256(path), plain))
     if not items:
         raise DataError(f"{folder}: no usable image: " + "; ".join(f"{n} {why}" for n, why in skipped) + ".",
                         hint="Replace the images listed.")

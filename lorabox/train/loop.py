@@ -109,7 +109,10 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     with accelerator.main_process_first():
         latents = [_latent(family, cache, item, device) for item in dataset.items]
         held = [(_latent(family, cache, item, device), item.caption) for item in (eval_set.items if eval_set else [])]
-        captions = sorted({item.caption for item in dataset.items} | {c for _, c in held} | set(prompts) | {""})
+        preserve = bool(cfg.preserve_weight and cfg.trigger)
+        plains = {item.plain_caption for item in dataset.items} if preserve else set()
+        captions = sorted({item.caption for item in dataset.items} | {c for _, c in held} | set(prompts) | {""}
+                          | plains)
         embeds = {c: _embedding(family, cache, c, device, cfg.max_sequence_length) for c in captions}
     emit({"event": "note", "text": f"cache: {cache.hits} reused, {cache.misses} computed ({cfg.cache_dir})"})
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -154,15 +157,14 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     for step in range(start, cfg.steps):
         batch = _batch(dataset, train_idx, cfg, step, accelerator.process_index)
         x0 = torch.stack([latents[i] for i in batch]).to(device, weight_dtype)
-        cond = {k: torch.stack([embeds[dataset.items[i].caption][k] for i in batch]).to(device, weight_dtype)
-                for k in family.prompt_outputs}
+        cond = _stack(embeds, [dataset.items[i].caption for i in batch], family, device, weight_dtype)
+        pcond = _stack(embeds, [dataset.items[i].plain_caption for i in batch], family, device, weight_dtype) \
+            if preserve else None
         gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
-        noise = torch.randn(x0.shape, generator=gen).to(device, weight_dtype)
-        d = objectives.draw(objective, x0, noise, seq_len=family.seq_len(x0.shape), generator=gen)
-        with accelerator.autocast():
-            pred = family.predict(model, d.noisy, d.timestep.to(device), cond, cfg.train_guidance)
-        loss = objectives.loss(pred, d.target, d.weight.to(device))
-        value = accelerator.gather(loss.detach()).mean().item()
+        loss, main = _step_loss(family, model, plain, objective, x0, cond, pcond, cfg, gen, accelerator)
+        value = accelerator.gather(main.detach()).mean().item()
+        if preserve and not math.isfinite(loss.item()):
+            value = loss.item()
         if not math.isfinite(value):
             _write_log(out, cfg, losses, evals)
             kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written before it"
@@ -210,6 +212,36 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------
+
+def _stack(embeds: dict, captions: list[str], family, device, dtype) -> dict:
+    return {k: torch.stack([embeds[c][k] for c in captions]).to(device, dtype) for k in family.prompt_outputs}
+
+
+def _step_loss(family, model, plain, objective, x0, cond, pcond, cfg, gen, accelerator):
+    """(loss to minimise, objective loss). With preservation (`pcond`: the captions without the trigger) the
+    adapter's prediction for the plain captions is also pulled to the base's own (adapter off) at the same noisy
+    input, so what the trigger does not name stays as the base made it (ai-toolkit's differential output
+    preservation); both captions go through the model as one batch."""
+    device = x0.device
+    noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
+    d = objectives.draw(objective, x0, noise, seq_len=family.seq_len(x0.shape), generator=gen)
+    t = d.timestep.to(device)
+    if pcond is None:
+        with accelerator.autocast():
+            pred = family.predict(model, d.noisy, t, cond, cfg.train_guidance)
+        main = objectives.loss(pred, d.target, d.weight.to(device))
+        return main, main
+    with torch.no_grad(), accelerator.autocast():
+        plain.disable_adapters()
+        prior = family.predict(plain, d.noisy, t, pcond, cfg.train_guidance)
+        plain.enable_adapters()
+    both = {k: torch.cat([cond[k], pcond[k]]) for k in cond}
+    with accelerator.autocast():
+        pred = family.predict(model, torch.cat([d.noisy, d.noisy]), torch.cat([t, t]), both, cfg.train_guidance)
+    n = x0.shape[0]
+    main = objectives.loss(pred[:n], d.target, d.weight.to(device))
+    return main + cfg.preserve_weight * objectives.loss(pred[n:], prior), main
+
 
 def lora_targets(model, keymap: str, patterns) -> list[str]:
     """The model's Linear layers that the key map names and whose canonical name matches a pattern.
@@ -298,11 +330,8 @@ def _skipped_lines(dataset) -> list[str]:
 
 def _default_prompts(dataset, trigger: str | None) -> list[str]:
     """The first caption (with the trigger) and, with a trigger, the same caption without it."""
-    first = dataset.items[0].caption
-    if not trigger:
-        return [first]
-    bare = first[len(trigger):].lstrip(", ").strip() if first.startswith(trigger) else first
-    return [first, bare or "a photo"]
+    first = dataset.items[0]
+    return [first.caption, first.plain_caption or "a photo"] if trigger else [first.caption]
 
 
 def _split(n: int, holdout: int) -> tuple[list[int], list[int]]:

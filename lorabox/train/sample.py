@@ -65,11 +65,9 @@ def loss_curve(losses: list[float], evals: list[tuple[int, float]], path: Path, 
     draw.text((w - right - 40, h - bottom + 8), f"{n} steps", fill="black")
     if len(losses) > 1:
         draw.line([xy(i + 1, v) for i, v in enumerate(losses)], fill=(190, 190, 190), width=1)
-        ema, avg = [], losses[0]
-        for v in losses:
-            avg = 0.95 * avg + 0.05 * v
-            ema.append(avg)
-        draw.line([xy(i + 1, v) for i, v in enumerate(ema)], fill=(30, 90, 200), width=2)
+        k = max(1, len(losses) // 20)  # trailing mean over 5 % of the run
+        mean = [sum(losses[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(losses))]
+        draw.line([xy(i + 1, v) for i, v in enumerate(mean)], fill=(30, 90, 200), width=2)
     for step, v in evals:
         x, y = xy(step, v)
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(210, 40, 40))

@@ -147,7 +147,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     last_good = state
     def evaluate(done: int) -> None:
         evals.append({"step": done, "held_out": held_out,
-                      **_eval_loss(family, model, objective, held, embeds, cfg, device, weight_dtype)})
+                      **_eval_loss(family, model, objective, held, embeds, cfg, device, weight_dtype, accelerator)})
         emit({"event": "eval", **evals[-1]})
 
     if cfg.eval_every and start == 0:
@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     emit({"event": "begin", "start": start, "total": cfg.steps})
     for step in range(start, cfg.steps):
         batch = _batch(dataset, train_idx, cfg, step, accelerator.process_index)
-        x0 = torch.stack([latents[i] for i in batch]).to(device, weight_dtype)
+        x0 = torch.stack([latents[i] for i in batch]).to(device)  # float32: noising and targets stay exact
         cond = _stack(embeds, [dataset.items[i].caption for i in batch], family, device, weight_dtype)
         pcond = _stack(embeds, [dataset.items[i].plain_caption for i in batch], family, device, weight_dtype) \
             if preserve else None
@@ -222,22 +222,22 @@ def _step_loss(family, model, plain, objective, x0, cond, pcond, cfg, gen, accel
     adapter's prediction for the plain captions is also pulled to the base's own (adapter off) at the same noisy
     input, so what the trigger does not name stays as the base made it (ai-toolkit's differential output
     preservation); both captions go through the model as one batch."""
-    device = x0.device
+    device, dtype = x0.device, next(iter(cond.values())).dtype  # the model's input dtype (the base's weights)
     noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
     d = objectives.draw(objective, x0, noise, seq_len=family.seq_len(x0.shape), generator=gen)
-    t = d.timestep.to(device)
+    t, noisy = d.timestep.to(device), d.noisy.to(dtype)
     if pcond is None:
         with accelerator.autocast():
-            pred = family.predict(model, d.noisy, t, cond, cfg.train_guidance)
+            pred = family.predict(model, noisy, t, cond, cfg.train_guidance)
         main = objectives.loss(pred, d.target, d.weight.to(device))
         return main, main
     with torch.no_grad(), accelerator.autocast():
         plain.disable_adapters()
-        prior = family.predict(plain, d.noisy, t, pcond, cfg.train_guidance)
+        prior = family.predict(plain, noisy, t, pcond, cfg.train_guidance)
         plain.enable_adapters()
     both = {k: torch.cat([cond[k], pcond[k]]) for k in cond}
     with accelerator.autocast():
-        pred = family.predict(model, torch.cat([d.noisy, d.noisy]), torch.cat([t, t]), both, cfg.train_guidance)
+        pred = family.predict(model, torch.cat([noisy, noisy]), torch.cat([t, t]), both, cfg.train_guidance)
     n = x0.shape[0]
     main = objectives.loss(pred[:n], d.target, d.weight.to(device))
     return main + cfg.preserve_weight * objectives.loss(pred[n:], prior), main
@@ -380,7 +380,7 @@ def _embedding(family, cache, caption: str, device, max_len) -> dict:
 
 
 @torch.no_grad()
-def _eval_loss(family, model, objective, held, embeds, cfg, device, dtype) -> dict:
+def _eval_loss(family, model, objective, held, embeds, cfg, device, dtype, accelerator) -> dict:
     """Mean loss over `held` (latent, caption) pairs at fixed timestep quantiles of the training distribution, with
     fixed noise: comparable from one evaluation to the next (kohya evaluates at fixed t the same way)."""
     model.eval()
@@ -388,13 +388,14 @@ def _eval_loss(family, model, objective, held, embeds, cfg, device, dtype) -> di
     for j, q in enumerate(cfg.eval_quantiles):
         total = 0.0
         for i, (latent, caption) in enumerate(held):
-            x0 = latent.unsqueeze(0).to(device, dtype)
+            x0 = latent.unsqueeze(0).to(device)
             t = objectives.fixed_timesteps(objective, [q], family.seq_len(x0.shape))
             ts = (ts or []) + [float(t[0])] if i == 0 else ts
             cond = {k: embeds[caption][k].unsqueeze(0).to(device, dtype) for k in family.prompt_outputs}
-            noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(10_000 + i)).to(device, dtype)
+            noise = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(10_000 + i)).to(device)
             d = objectives.draw(objective, x0, noise, timestep=t)
-            pred = family.predict(model, d.noisy, d.timestep.to(device), cond, cfg.train_guidance)
+            with accelerator.autocast():
+                pred = family.predict(model, d.noisy.to(dtype), d.timestep.to(device), cond, cfg.train_guidance)
             total += objectives.loss(pred, d.target, d.weight.to(device)).item()
         per_t.append(total / len(held))
     model.train()

@@ -145,6 +145,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
 
     # 3. the loop
     last_good = state
+
     def evaluate(done: int) -> None:
         evals.append({"step": done, "held_out": held_out,
                       **_eval_loss(family, model, objective, held, embeds, cfg, device, weight_dtype, accelerator)})
@@ -163,15 +164,10 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
         gen = torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + step * 101 + accelerator.process_index)
         loss, main = _step_loss(family, model, plain, objective, x0, cond, pcond, cfg, gen, accelerator)
         value = accelerator.gather(main.detach()).mean().item()
-        if preserve and not math.isfinite(loss.item()):
-            value = loss.item()
-        if not math.isfinite(value):
+        total = accelerator.gather(loss.detach()).mean().item()  # = value without preservation
+        if not (math.isfinite(value) and math.isfinite(total)):
             _write_log(out, cfg, losses, evals)
-            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written before it"
-            raise TrainingDiverged(f"the loss became {value} at step {step + 1}; training stopped and {kept} "
-                                   f"(nothing after it was saved).",
-                                   hint=f"Lower the learning rate (now {cfg.learning_rate:g}) and run again"
-                                        + (" with --resume." if last_good else "."))
+            raise _diverged(value if not math.isfinite(value) else total, step + 1, last_good, cfg)
         accelerator.backward(loss)
         if cfg.max_grad_norm and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -212,6 +208,14 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------
+
+def _diverged(value: float, step: int, last_good, cfg) -> TrainingDiverged:
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written before it"
+    return TrainingDiverged(f"the loss became {value} at step {step}; training stopped and {kept} "
+                            f"(nothing after it was saved).",
+                            hint=f"Lower the learning rate (now {cfg.learning_rate:g}) and run again"
+                                 + (" with --resume." if last_good else "."))
+
 
 def _stack(embeds: dict, captions: list[str], family, device, dtype) -> dict:
     return {k: torch.stack([embeds[c][k] for c in captions]).to(device, dtype) for k in family.prompt_outputs}

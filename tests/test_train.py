@@ -383,3 +383,17 @@ def test_a_denoiser_file_that_does_not_fit_is_a_clear_error(flux_base, images, f
     adapter = flux_run[0].adapter  # a safetensors file, but no FLUX transformer checkpoint
     with pytest.raises(TrainingError, match=r"cannot load it as the transformer of .*Pass a checkpoint of the same"):
         train(_cfg(flux_base, images, tmp_path / "o", denoiser_file=adapter, sample_prompts=()))
+
+
+def test_config_defaults_toml_round_trip_and_unknown_keys(tmp_path):
+    from lorabox.errors import TrainingError
+    from lorabox.train.config import ARCH_DEFAULTS, load_toml, resolve
+
+    cfg = resolve(make_config(dict(data="d", base="b", output=str(tmp_path / "run"), rank=8)), "flux1")
+    assert cfg.rank == 8 and cfg.alpha == ARCH_DEFAULTS["flux1"]["alpha"] and cfg.resolution == 1024
+    assert cfg.targets == ARCH_DEFAULTS["flux1"]["targets"] and cfg.name == "run" and cfg.min_image_side == 512
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    assert make_config(load_toml(tmp_path / "c.toml")) == cfg
+    (tmp_path / "bad.toml").write_text("learning_rat = 1e-4\n")
+    with pytest.raises(TrainingError, match=r"unknown setting\(s\): learning_rat \(did you mean learning_rate\?\)"):
+        load_toml(tmp_path / "bad.toml")

@@ -64,7 +64,7 @@ def scan(folder: str | Path, *, trigger: str | None = None, min_side: int = 0) -
 
     Raises DataError for a missing or empty folder, images without captions, or nothing left to train on.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -83,7 +83,7 @@ def scan(folder: str | Path, *, trigger: str | None = None, min_side: int = 0) -
         try:
             with Image.open(path) as im:
                 im.load()  # decode the whole file: a truncated image fails here, not during training
-                size = im.size
+                size = ImageOps.exif_transpose(im).size
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
             skipped.append((path.name, f"cannot be decoded ({type(exc).__name__}: {exc})"))
             continue
@@ -118,11 +118,11 @@ def load_pixels(item: Item):
     """The image resized to cover its bucket, centre-cropped, as a (3, H, W) float tensor in [-1, 1]."""
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     bw, bh = item.bucket
     with Image.open(item.image) as im:
-        im = im.convert("RGB")
+        im = ImageOps.exif_transpose(im).convert("RGB")  # phone photos: upright as viewers show them
         scale = max(bw / im.width, bh / im.height)
         w, h = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
         im = im.resize((w, h), Image.Resampling.LANCZOS)

@@ -397,3 +397,14 @@ def test_config_defaults_toml_round_trip_and_unknown_keys(tmp_path):
     (tmp_path / "bad.toml").write_text("learning_rat = 1e-4\n")
     with pytest.raises(TrainingError, match=r"unknown setting\(s\): learning_rat \(did you mean learning_rate\?\)"):
         load_toml(tmp_path / "bad.toml")
+
+
+def test_bf16_autocast_run_saves_kohya(flux_base, images, tmp_path):
+    from lorabox.conversion import load_lora
+
+    result = train(_cfg(flux_base, images, tmp_path / "o", steps=2, mixed_precision="bf16", format="kohya",
+                        eval_every=0, checkpoint_every=0, sample_steps=1))
+    assert result.config["mixed_precision"] == "bf16" and len(result.samples) == 2
+    lora = load_lora(result.adapter)
+    assert lora.dialect == "kohya (original names)" and len(lora.adapters) == 20  # q/k/v, linear1 fused
+    assert {a.rank for a in lora.adapters.values()} == {4, 12, 16}

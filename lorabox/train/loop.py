@@ -192,7 +192,7 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     if accelerator.is_main_process:
         size = dataset.items[0].bucket
         samples = sample_images(family, plain, prompts, embeds, embeds[""], cfg=cfg, size=size,
-                                folder=out / "samples", device=device)
+                                folder=out / "samples", device=device, dtype=weight_dtype)
         curve = [(e["step"], e["loss"]) for e in evals]
         loss_curve(losses, curve, out / "loss.png")
         lora = to_lora(peft_state_dict(plain), arch=keymap, prefix=_component_prefix(keymap), rank=cfg.rank,

@@ -12,7 +12,7 @@ import torch
 
 @torch.no_grad()
 def sample_images(family, model, prompts: list[str], embeds: dict[str, dict], uncond: dict, *, cfg, size: tuple[int, int],
-                  folder: Path, device) -> list[dict]:
+                  folder: Path, device, dtype) -> list[dict]:
     """For each prompt, one image without and one with the adapter, at the same seed. Returns what was written."""
     folder.mkdir(parents=True, exist_ok=True)
     pipe = family.pipe
@@ -21,10 +21,12 @@ def sample_images(family, model, prompts: list[str], embeds: dict[str, dict], un
         row = {"prompt": prompt}
         for label, enabled in (("base", False), ("lora", True)):
             model.enable_adapters() if enabled else model.disable_adapters()
-            kwargs = family.sample_kwargs(_to(embeds[prompt], device), _to(uncond, device))
-            image = pipe(**kwargs, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
-                         width=size[0], height=size[1], output_type="pil",
-                         generator=torch.Generator("cpu").manual_seed(cfg.sample_seed)).images[0]
+            kwargs = family.sample_kwargs(_to(embeds[prompt], device, dtype), _to(uncond, device, dtype))
+            # autocast as in training: float32 LoRA layers would otherwise promote the latents the VAE decodes
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                image = pipe(**kwargs, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.sample_guidance,
+                             width=size[0], height=size[1], output_type="pil",
+                             generator=torch.Generator("cpu").manual_seed(cfg.sample_seed)).images[0]
             path = folder / f"{i:02d}-{label}.png"
             image.save(path)
             row[label] = str(path)
@@ -33,8 +35,10 @@ def sample_images(family, model, prompts: list[str], embeds: dict[str, dict], un
     return out
 
 
-def _to(d: dict, device) -> dict:
-    return {k: v.unsqueeze(0).to(device) for k, v in d.items()}
+def _to(d: dict, device, dtype) -> dict:
+    """Cached embeddings (float32) as a batch of one in the base's dtype: the pipeline takes its latents' dtype
+    from them, and its VAE decodes in the base's dtype."""
+    return {k: v.unsqueeze(0).to(device, dtype) for k, v in d.items()}
 
 
 def loss_curve(losses: list[float], evals: list[tuple[int, float]], path: Path, *, size=(800, 450)) -> None:

@@ -88,6 +88,9 @@ def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:
     mp = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if on_gpu else "no")
     optimizer_name = _optimizer_name(cfg.optimizer, on_gpu)
     cfg = dataclasses.replace(cfg, mixed_precision=mp, optimizer=optimizer_name)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a second run in one process may use another precision (the process group stays)
     accelerator = Accelerator(mixed_precision=mp)
     device = accelerator.device
     if not accelerator.is_main_process:

@@ -25,6 +25,15 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared CPU: torch's extra threads only spin against each other (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- objectives against diffusers ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform"])

@@ -319,14 +319,20 @@ def train_cmd(data, base, output, minimal, fmt, trigger, rank, alpha, steps, res
 
     bar = None
 
+    def say(text):  # the run's log: stdout, or stderr when stdout carries the JSON result
+        if bar is not None:
+            bar.write(text, file=sys.stderr if as_json else sys.stdout)
+        else:
+            click.echo(text, err=as_json)
+
     def progress(event):
         nonlocal bar
         kind = event["event"]
         if kind == "start":
             for line in event["lines"]:
-                click.echo(line, err=as_json)
+                say(line)
         elif kind == "note":
-            (bar.write if bar else lambda t: click.echo(t, err=as_json))(event["text"])
+            say(event["text"])
         elif kind == "begin":
             bar = tqdm(total=event["total"], initial=event["start"], unit="step", desc="train", dynamic_ncols=True)
         elif kind == "step" and bar is not None:
@@ -334,8 +340,7 @@ def train_cmd(data, base, output, minimal, fmt, trigger, rank, alpha, steps, res
             bar.set_postfix(loss=f"{event['loss']:.4f}")
         elif kind == "eval":
             what = "held-out" if event["held_out"] else "training-image"
-            (bar.write if bar else click.echo)(f"step {event['step']}: {what} loss at fixed timesteps "
-                                               f"{event['loss']:.5f}")
+            say(f"step {event['step']}: {what} loss at fixed timesteps {event['loss']:.5f}")
 
     try:
         result = train(cfg, resume=resume, progress=progress)

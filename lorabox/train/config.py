@@ -191,7 +191,7 @@ def describe(cfg: TrainConfig, arch: str, objective: str) -> list[str]:
 # The built-in tiny base (fixtures/tiny_flux, made by scripts/make_tiny_base.py) and the run `lorabox train --minimal`
 # does on it: small enough for a CPU in well under two minutes, long enough to learn the data set's concept.
 TINY_BASE = "tiny_flux"
-TINY_RUN = dict(cpu_threads=1, preserve_weight=1.0, steps=200, rank=8, alpha=8.0, learning_rate=2e-3, batch_size=4, checkpoint_every=100,
+TINY_RUN = dict(cpu_threads=1, preserve_weight=4.0, steps=200, rank=8, alpha=8.0, learning_rate=4e-3, batch_size=4, checkpoint_every=100,
                 eval_every=50, gradient_checkpointing=False, output="lorabox-minimal")
 
 

@@ -260,7 +260,7 @@ def _settings(values: tuple[str, ...]) -> dict:
               help="Output folder: the adapter, samples, checkpoints, cache, loss.png.")
 @click.option("--minimal", is_flag=True,
               help="Only DATA and --base needed, the rest per-architecture defaults. With neither: the built-in "
-                   "tiny base and data set (a CPU run in about a minute).")
+                   "tiny base and data set (a CPU run of about half a minute).")
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "kohya", "comfyui"]), default=None,
               help="Dialect of the saved adapter (default diffusers).")
 @click.option("--trigger", default=None, help="Word prepended to every caption.")

@@ -19,7 +19,7 @@ FORMATS = ("diffusers", "kohya", "comfyui")
 # Per architecture: LoRA targets as canonical-name patterns of the key map (fnmatch; `*` crosses dots), rank and
 # alpha (alpha = rank: scale 1, as diffusers' scripts, ai-toolkit and SimpleTuner write), learning rate, training
 # resolution, the guidance input given to guidance-distilled bases while training (kohya, diffusion-pipe: 1.0), and
-# the deployment sampler (steps, guidance) used for the sample images. T5/Mistral/Qwen prompt length: max_sequence_length.
+# the deployment sampler (steps, guidance) used for the sample images; max_sequence_length: T5/Mistral/Qwen tokens.
 ARCH_DEFAULTS: dict[str, dict] = {
     "sd15": dict(targets=("*.attn1.to_*", "*.attn2.to_*", "*.ff.net.*"), rank=16, alpha=16.0, learning_rate=1e-4,
                  resolution=512, sample_steps=30, sample_guidance=7.5, gradient_checkpointing=True),
@@ -191,8 +191,8 @@ def describe(cfg: TrainConfig, arch: str, objective: str) -> list[str]:
 # The built-in tiny base (fixtures/tiny_flux, made by scripts/make_tiny_base.py) and the run `lorabox train --minimal`
 # does on it: small enough for a CPU in well under two minutes, long enough to learn the data set's concept.
 TINY_BASE = "tiny_flux"
-TINY_RUN = dict(cpu_threads=1, preserve_weight=4.0, steps=200, rank=8, alpha=8.0, learning_rate=4e-3, batch_size=4, checkpoint_every=100,
-                eval_every=50, gradient_checkpointing=False, output="lorabox-minimal")
+TINY_RUN = dict(cpu_threads=1, preserve_weight=4.0, steps=200, rank=8, alpha=8.0, learning_rate=4e-3, batch_size=4,
+                checkpoint_every=100, eval_every=50, gradient_checkpointing=False, output="lorabox-minimal")
 
 
 def fixtures_dir() -> Path:

@@ -11,8 +11,8 @@ import torch
 
 
 @torch.no_grad()
-def sample_images(family, model, prompts: list[str], embeds: dict[str, dict], uncond: dict, *, cfg, size: tuple[int, int],
-                  folder: Path, device, dtype) -> list[dict]:
+def sample_images(family, model, prompts: list[str], embeds: dict[str, dict], uncond: dict, *, cfg,
+                  size: tuple[int, int], folder: Path, device, dtype) -> list[dict]:
     """For each prompt, one image without and one with the adapter, at the same seed. Returns what was written."""
     folder.mkdir(parents=True, exist_ok=True)
     pipe = family.pipe

@@ -20,7 +20,8 @@ SAVE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 # kohya's ss_base_model_version spellings (FIELD_NOTES section 5); FLUX.2 has none in kohya: ai-toolkit's
 SS_BASE_VERSION = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux1": "flux1", "flux2": "flux2"}
 IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models",
-                  "flux1": "https://github.com/black-forest-labs/flux", "flux2": "https://github.com/black-forest-labs/flux2"}
+                  "flux1": "https://github.com/black-forest-labs/flux",
+                  "flux2": "https://github.com/black-forest-labs/flux2"}
 
 
 def peft_state_dict(model) -> dict:

@@ -14,6 +14,7 @@ from lorabox.train import objectives as obj
 from lorabox.train.config import make_config
 from lorabox.train.data import scan
 from lorabox.train.loop import train
+from tests.oracles.diffusers_oracle import ARCHS as ORACLE_ARCHS
 from tests.train_helpers import make_images, make_sd15_base, make_tiny_flux_base
 
 
@@ -478,3 +479,33 @@ def test_minimal_held_out_loss_goes_down(minimal_run):
     assert evals[-1]["loss"] < 0.9 * evals[0]["loss"], [e["loss"] for e in evals]
     per_t_first, per_t_last = evals[0]["per_timestep"], evals[-1]["per_timestep"]
     assert sum(b < a for a, b in zip(per_t_first, per_t_last)) >= len(per_t_first) - 1
+
+
+TRANSFORMER_ARCHS = [a for a in ORACLE_ARCHS if a not in ("sd15", "sdxl")]  # the UNets are trained end to end above
+
+
+@pytest.mark.parametrize("arch", TRANSFORMER_ARCHS)
+def test_default_targets_of_every_transformer_architecture_save_and_load_in_diffusers(arch, tmp_path):
+    """The per-architecture targets (canonical patterns of the key map) on the oracle's tiny model with the full-size
+    names: the saved adapter loads in diffusers with every targeted weight changed and no key unused, and the
+    converter writes it in every dialect."""
+    from peft import LoraConfig
+
+    from lorabox.train.config import ARCH_DEFAULTS
+    from lorabox.train.loop import _component_prefix, lora_targets
+    from lorabox.train.save import peft_state_dict, save_adapter, to_lora
+    from tests.oracles import tiny_models
+    from tests.oracles.diffusers_oracle import base_weights, fused_weights
+
+    model = tiny_models.pipeline(arch).transformer
+    targets = lora_targets(model, arch, ARCH_DEFAULTS[arch]["targets"])
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    lora = to_lora(peft_state_dict(model), arch=arch, prefix=_component_prefix(arch), rank=4, alpha=8.0)
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        save_adapter(lora, tmp_path / f"{fmt}.safetensors", fmt=fmt, meta={})
+    fused, base = fused_weights(arch, tmp_path / "diffusers.safetensors"), base_weights(arch)
+    assert sum(not torch.equal(fused[k], base[k]) for k in fused) == len(targets)

@@ -229,8 +229,8 @@ def test_diffusers_loads_the_adapter_with_no_unused_key_and_lorabox_converts_and
         run = cli("convert", result.adapter, "--to", to, "-o", tmp_path / f"{to}.safetensors", "--arch", "flux1")
         assert run.exit_code == 0, run.output
     # --arch: at tiny widths a kohya FLUX.1 file's names and shapes also fit FLUX.2's table (detection cannot tell)
-    run = cli("merge", flux_base / "transformer", "--lora", tmp_path / "kohya.safetensors", "-o", tmp_path / "merged",
-              "--json", "--arch", "flux1")
+    run = cli("merge", flux_base / "transformer", "--lora", result.adapter, "-o", tmp_path / "merged", "--json",
+              "--arch", "flux1")
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout)["merged"] == 34
     from safetensors.torch import load_file
@@ -238,7 +238,7 @@ def test_diffusers_loads_the_adapter_with_no_unused_key_and_lorabox_converts_and
     merged = {}
     for f in (tmp_path / "merged").glob("*.safetensors"):
         merged.update(load_file(f))
-    for k in changed:  # lorabox's merge of the kohya spelling == diffusers' fuse of the PEFT file
+    for k in changed:  # lorabox's merge == diffusers' fuse
         torch.testing.assert_close(merged[k.removeprefix("transformer.")], fused[k], rtol=1e-5, atol=1e-6)
 
 

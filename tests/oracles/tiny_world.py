@@ -59,6 +59,14 @@ def caption(shape: str, colour: str | None, background: str | None) -> str:
     return " ".join(words)
 
 
+def colour_prompts():
+    """Prompts a base must follow: ([(prompt, object colour, background)] for every object colour on gray,
+    [(prompt, background)] for every background under a white circle (black on white))."""
+    objects = [(caption("circle", c, "gray"), c, "gray") for c in PALETTE if c != "gray"]
+    backgrounds = [(caption("circle", "black" if b == "white" else "white", b), b) for b in PALETTE]
+    return objects, backgrounds
+
+
 def _mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] of one shape centred at (cx, cy) with half-size r, in pixels."""
     n = SIZE * SUPERSAMPLE
@@ -128,3 +136,20 @@ def border_rgb(images: np.ndarray, width: int = 2) -> np.ndarray:
     inner = np.zeros(images.shape[-3:-1], dtype=bool)
     inner[width:-width, width:-width] = True
     return images[..., ~inner, :].reshape(-1, 3).mean(axis=0)
+
+
+def colour_fraction(image: np.ndarray, rgb, radius: float = 0.25) -> float:
+    """Fraction of an image's pixels within ``radius`` (Euclidean, RGB in [0, 1]) of ``rgb``."""
+    image = np.asarray(image, dtype=np.float64)
+    return float((np.linalg.norm(image - np.asarray(rgb), axis=-1) < radius).mean())
+
+
+def most_present(image: np.ndarray, exclude=()) -> str:
+    """The palette colour covering most pixels of one image, leaving out ``exclude`` (e.g. the background asked for)."""
+    names = [n for n in PALETTE if n not in exclude]
+    return max(names, key=lambda n: colour_fraction(image, PALETTE[n]))
+
+
+def nearest_palette(rgb) -> str:
+    """The palette colour nearest to one RGB value (e.g. ``border_rgb`` of an image)."""
+    return min(PALETTE, key=lambda n: float(np.linalg.norm(np.asarray(PALETTE[n]) - np.asarray(rgb))))

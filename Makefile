@@ -37,7 +37,11 @@ test: $(VENV)/.test
 fixtures: $(VENV)/.test
 	$(BIN)/python scripts/make_fixtures.py
 
+# the tiny pretrained Flux base and LoRA data set of `lorabox train --minimal` (about 5 minutes on 2 CPU cores)
+tiny-base: $(VENV)/.test
+	$(BIN)/python scripts/make_tiny_base.py
+
 bench: $(VENV)/.test
 	$(BIN)/python scripts/bench_convert.py
 
-.PHONY: install install-test demo test fixtures bench
+.PHONY: install install-test demo test fixtures tiny-base bench

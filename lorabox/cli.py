@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -495,6 +496,129 @@ def _render_summary(summary: dict) -> None:
                f"{summary['unusable']} unusable")
     for name, count in summary["findings"].items():
         click.echo(f"  {count:6d}  {name}")
+
+
+def _settings(values: tuple[str, ...]) -> dict:
+    """`--set key=value` pairs, values parsed as TOML (numbers, booleans, strings, lists)."""
+    import tomllib
+
+    from .errors import TrainingError
+
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise TrainingError(f"--set {item}: expected KEY=VALUE.", hint="For example --set eval_every=50.")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw  # a bare string
+    return out
+
+
+@main.command("train")
+@click.argument("data", required=False, type=click.Path())
+@click.option("--base", type=click.Path(), default=None, help="diffusers pipeline folder (model_index.json).")
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output folder: the adapter, samples, checkpoints, cache, loss.png.")
+@click.option("--minimal", is_flag=True,
+              help="Only DATA and --base needed, the rest per-architecture defaults. With neither: the built-in "
+                   "tiny base and data set (a CPU run of about half a minute).")
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "kohya", "comfyui"]), default=None,
+              help="Dialect of the saved adapter (default diffusers).")
+@click.option("--trigger", default=None, help="Word prepended to every caption.")
+@click.option("--rank", type=int, default=None, help="LoRA rank (default per architecture).")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default = rank).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps.")
+@click.option("--resolution", type=int, default=None, help="Training resolution in pixels (bucket area).")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--objective", type=click.Choice(["flow", "epsilon", "v_prediction"]), default=None,
+              help="Must be the base's own (read from its scheduler); given only to assert it.")
+@click.option("--min-snr-gamma", type=float, default=None, help="Min-SNR-gamma weighting (SD1.5/SDXL), e.g. 5.")
+@click.option("--denoiser-file", type=click.Path(), default=None,
+              help="Single-file transformer/UNet checkpoint to train on instead of the folder's.")
+@click.option("--config", "config_file", type=click.Path(), default=None, help="TOML file of settings.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any setting, e.g. --set eval_every=50.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the output folder.")
+@json_option
+def train_cmd(data, base, output, minimal, fmt, trigger, rank, alpha, steps, resolution, learning_rate, batch_size,
+              objective, min_snr_gamma, denoiser_file, config_file, settings, resume, as_json):
+    """Train a LoRA on a folder of images with same-named .txt captions.
+
+    The objective comes from the base (flow matching for FLUX/SD3, epsilon or v for SD1.5/SDXL), the targets
+    and defaults from its architecture; the adapter is saved through lorabox's converter with ss_* and
+    modelspec metadata. Several GPUs or machines: run it under accelerate (see the README).
+
+    \b
+    Example:
+      lorabox train --minimal
+      lorabox train photos/ --base FLUX.1-dev/ -o out/ --trigger ohwx --minimal
+      lorabox train photos/ --base sdxl-base/ -o out/ --rank 32 --steps 2000 --format kohya
+      accelerate launch -m lorabox train photos/ --base FLUX.1-dev/ -o out/ --config run.toml
+    """
+    from tqdm import tqdm
+
+    from .errors import TrainingError
+    from .train.config import builtin_layer, load_toml, make_config
+
+    layers = []
+    if minimal and not data and not base:
+        layers.append(builtin_layer())
+    elif not data or not base:
+        raise TrainingError("give both DATA and --base.",
+                            hint="Or `lorabox train --minimal` alone for the built-in tiny base and data set.")
+    if not output and not minimal and not any("output" in layer for layer in layers):
+        raise TrainingError("no output folder.", hint="Pass -o OUT (or --minimal for the default lora-out/).")
+    if config_file:
+        layers.append(load_toml(config_file))
+    layers.append(_settings(settings))
+    layers.append(dict(data=data, base=base, output=output, format=fmt, trigger=trigger, rank=rank, alpha=alpha,
+                       steps=steps, resolution=resolution, learning_rate=learning_rate, batch_size=batch_size,
+                       objective=objective, min_snr_gamma=min_snr_gamma, denoiser_file=denoiser_file))
+    cfg = make_config(*layers)
+
+    from .train.loop import train
+
+    bar = None
+
+    def say(text):  # the run's log: stdout, or stderr when stdout carries the JSON result
+        if bar is not None:
+            bar.write(text, file=sys.stderr if as_json else sys.stdout)
+        else:
+            click.echo(text, err=as_json)
+
+    def progress(event):
+        nonlocal bar
+        kind = event["event"]
+        if kind == "start":
+            for line in event["lines"]:
+                say(line)
+        elif kind == "note":
+            say(event["text"])
+        elif kind == "begin":
+            bar = tqdm(total=event["total"], initial=event["start"], unit="step", desc="train", dynamic_ncols=True)
+        elif kind == "step" and bar is not None:
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.4f}")
+        elif kind == "eval":
+            what = "held-out" if event["held_out"] else "training-image"
+            say(f"step {event['step']}: {what} loss at fixed timesteps {event['loss']:.5f}")
+
+    try:
+        result = train(cfg, resume=resume, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not result.main_process:
+        return
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    for row in result.samples:
+        click.echo(f"samples     {row['prompt']!r}: {row['base']} (base), {row['lora']} (LoRA)")
+    click.echo(f"loss curve  {Path(result.adapter).parent / 'loss.png'}")
+    click.echo(f"saved       {result.adapter} ({result.steps} steps, {result.seconds:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,23 @@ class OutputError(LoraboxError):
     """An output path that would overwrite an input, or cannot be written."""
 
     exit_code = 2
+
+
+class TrainingError(LoraboxError):
+    """Training cannot start or go on: data, base, configuration or a diverging loss."""
+
+
+class DataError(TrainingError):
+    """A training folder that cannot be used: empty, no captions, no image left after skipping bad ones."""
+
+    exit_code = 2
+
+
+class ObjectiveMismatch(TrainingError):
+    """An objective (or timestep sampling, schedule) the base was not trained with."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 3

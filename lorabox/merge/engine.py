@@ -60,14 +60,17 @@ def out_dtype(policy: str, dtype: str, ndim: int = 2) -> str:
 
 
 def _load_for(path, base: BaseCheckpoint | None, arch: str | None):
-    """A LoRA whose keys fit several architectures (a CLIP-G-only LoRA: SDXL or SD3) is read as the base's."""
+    """A LoRA read for this merge: as `arch` when the user names one; a LoRA whose keys fit several architectures
+    (a CLIP-G-only LoRA: SDXL or SD3) as the base's."""
+    if arch is not None:
+        return load_lora(path, arch=arch)
     try:
         return load_lora(path)
     except UnknownArchitecture as exc:
         tied = getattr(exc, "candidates", [])
         if not tied:
             raise
-        if arch is None and base is not None:
+        if base is not None:
             from .plan import detect_base
 
             arch = detect_base(base)[0]

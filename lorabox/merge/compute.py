@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..parallel import cpus, run_chunks
-from ..tensor import Tensor, f32_to_f16, storage_dtype
+from ..tensor import Tensor, storage_dtype
 from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude
 
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -50,7 +50,8 @@ def from_float32(f32: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return f32
     if dtype == "F16":
-        return f32_to_f16(f32)  # beyond 65504 is inf, as torch's cast gives
+        with np.errstate(over="ignore"):  # beyond 65504 is inf, as torch's cast gives
+            return f32.astype(np.float16)
     if dtype == "F64":
         return f32.astype(np.float64)
     return Tensor.from_values(f32, dtype).array

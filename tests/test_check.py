@@ -61,7 +61,7 @@ def test_every_corpus_case_is_flagged_by_its_check(corpus):
 def test_clean_files_cover_every_architecture(corpus):
     _, cases = corpus
     archs = {check_file(c.file).architecture for c in cases.values() if c.clean}
-    assert archs == {"sd15", "sdxl", "flux1", "flux2", "sd3"}
+    assert archs == {"sd15", "sdxl", "flux1", "flux2", "sd3", "wan"}
 
 
 def test_every_id_is_documented_and_emitted_by_a_registered_check():
@@ -78,6 +78,20 @@ def test_variant_check_uses_lora_and_base_variants(corpus):
     assert (base.architecture, base.variant) == ("flux2", "flux2_klein_9b")
     (finding,) = [f for f in _report(cases["klein4b_on_klein9b_base"]).findings if f.id == "arch.variant_mismatch"]
     assert "flux2_klein_4b" in finding.message and "flux2_klein_9b" in finding.message
+
+
+def test_wan21_lora_on_wan22_base_is_a_variant_mismatch(corpus):
+    """The issue's "Wan2.1 vs 2.2": a 1.3B LoRA (hidden 1536) against a TI2V 5B base (3072, 48 latent channels)."""
+    _, cases = corpus
+    base = load_base(cases["wan21_1_3b_on_wan22_5b_base"].base)
+    assert (base.architecture, base.layout, base.variant) == ("wan", "original", "wan22_ti2v_5b")
+    report = _report(cases["wan21_1_3b_on_wan22_5b_base"])
+    assert report.architecture == "wan"
+    (finding,) = [f for f in report.findings if f.id == "arch.variant_mismatch"]
+    assert (finding.grade, report.exit_code()) == ("error", 1)
+    assert "wan21_t2v_1_3b" in finding.message and "wan22_ti2v_5b" in finding.message
+    assert not [f for f in _report(cases["wan22_5b_on_wan22_5b_base"]).findings if f.id.startswith("arch.") and
+                f.grade != "info"]
 
 
 def test_for_target_regrades(corpus):

@@ -265,3 +265,51 @@ def test_diffusers_refuses_top_level_modules_in_the_trainer_dialects(tmp_path, d
     lora = tiny_lora()
     with pytest.raises(DiffusersOracleError, match="should be empty|IndexError"):
         fused_weights("wan", write(lora, dialect, tmp_path / f"{dialect}.safetensors"))
+
+
+def test_diffusers_musubi_reader_needs_every_module_of_blocks_0_to_n(tmp_path):
+    """KNOWN_DIFFUSERS_BUGS['wan_trainer_dialects_blocks_only'], pinned: the musubi reader counts the block indices and
+    pops q/k/v/o/ffn of blocks 0..count-1, so a kohya-spelled LoRA on block 1 alone (or on attention only) is refused;
+    lorabox reads and writes it (ComfyUI loads it by name)."""
+    lora = lora_of_shapes("wan", {k: v for k, v in tiny_shapes().items() if k.startswith("blocks.1.")}, rank=2)
+    path = write(lora, "kohya", tmp_path / "block1.safetensors")
+    assert lora_from_state_dict(*_read(path), arch="wan").adapters.keys() == lora.adapters.keys()
+    with pytest.raises(DiffusersOracleError, match="KeyError"):
+        fused_weights("wan", path)
+
+
+def _read(path):
+    from lorabox.io.safetensors import read_tensors
+
+    return read_tensors(path)
+
+
+# --- merge into a Wan checkpoint (the table's [layouts]) -----------------------------------------------
+
+@pytest.mark.parametrize("layout,prefix", [("original", ""), ("comfyui", "model.diffusion_model.")])
+def test_merge_into_original_and_comfyui_checkpoints(tmp_path, layout, prefix):
+    """A float32 checkpoint with the tiny model's shapes under the original names (Conv3d patch_embedding included):
+    every weight the LoRA targets becomes base + delta (float64, rounded once to float32), the rest is untouched."""
+    from lorabox.io.safetensors import read_tensors, write_tensors
+    from lorabox.merge.engine import merge
+    from lorabox.tensor import Tensor
+    from tests.helpers import effective_deltas
+
+    rng = np.random.default_rng(5)
+    base = {f"{prefix}{c}.weight": Tensor.from_values(rng.standard_normal(s), "F32") for c, s in tiny_shapes().items()}
+    base[f"{prefix}head.modulation"] = Tensor.from_values(rng.standard_normal((1, 2, 16)), "F32")
+    write_tensors(tmp_path / "base.safetensors", base, {})
+    lora = tiny_lora()
+    path = tmp_path / "lora.safetensors"
+    res = convert(lora, "kohya")
+    write_tensors(path, res.tensors, res.metadata)
+    report = merge(tmp_path / "base.safetensors", [(path, 0.75)], tmp_path / "out.safetensors", dtype="keep")
+    assert (report.architecture, report.layout) == ("wan", layout)
+    out, _ = read_tensors(tmp_path / "out.safetensors")
+    deltas = {f"{prefix}{n}.weight": d for (_, n), d in effective_deltas(lora).items()}
+    assert set(deltas) == {k for k in base if k.endswith(".weight")}
+    for key, t in base.items():
+        want = t.values().astype(np.float64)
+        if key in deltas:
+            want = want + 0.75 * deltas[key].reshape(want.shape)
+        assert np.array_equal(out[key].values(), want.astype(np.float32)), key

@@ -102,7 +102,7 @@ KNOWN_DIFFUSERS_BUGS = {
     ),
     "wan_trainer_dialects_blocks_only": (
         "_convert_musubi_wan_lora_to_diffusers reads blocks only (a lora_unet_ key outside blocks_N fails with an "
-        "IndexError); _convert_non_diffusers_wan_lora_to_diffusers (diffusion_model. spelling) has no entry for "
+        "IndexError) and pops q/k/v/o/ffn of blocks 0..count-1 (a LoRA on some blocks or modules only: KeyError); _convert_non_diffusers_wan_lora_to_diffusers (diffusion_model. spelling) has no entry for "
         "patch_embedding and never pops the .alpha of text_embedding / time_embedding / head.head / img_emb, so such "
         "a file is refused ('state_dict should be empty')."
     ),

@@ -5,9 +5,9 @@
 
 or from a test: `make_corpus(tmp_path)` returns the cases. Clean files are the fixtures (written by diffusers'
 and PEFT's own code paths, scripts/make_fixtures.py) and their conversions by lorabox's writers to every dialect;
-FLUX.2 Klein and Wan files follow key_maps/flux2.toml's and key_maps/wan.toml's widths. Every broken file is one of those with one thing
-broken. Bases are header-accurate checkpoints from the key-map layouts; the large ones are sparse files (the
-tensor bytes are holes: check reads only their headers). No torch is needed.
+FLUX.2 Klein and Wan files follow key_maps/flux2.toml's and key_maps/wan.toml's widths. Every broken file is one of
+those with one thing broken. Bases are header-accurate checkpoints from the key-map layouts; the large ones are
+sparse files (the tensor bytes are holes: check reads only their headers). No torch is needed.
 """
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def _wan_modules(variant: str) -> list[tuple[str, tuple[int, ...]]]:
     """(canonical module, weight shape) of the last block's attention and FFN (what musubi-tuner trains), whose widths
     tell 1.3B (1536) from 5B (3072) from 14B (5120); both small sizes have 30 blocks."""
     v = load_architecture("wan").unet.table.variants[variant]
-    h, ffn, last = v.dims["hidden"], v.dims["ffn"], max(int(m.split(".")[1]) for m in v.modules if m.startswith("blocks."))
+    h, ffn = v.dims["hidden"], v.dims["ffn"]
+    last = max(int(m.split(".")[1]) for m in v.modules if m.startswith("blocks."))
     return [(f"blocks.{last}.self_attn.q", (h, h)), (f"blocks.{last}.cross_attn.o", (h, h)),
             (f"blocks.{last}.ffn.0", (ffn, h)), (f"blocks.{last}.ffn.2", (h, ffn))]
 
@@ -133,7 +134,7 @@ def wan_lora(variant: str, seed: int) -> dict[str, Tensor]:
 
 
 def wan_base(path: Path, variant: str) -> str:
-    """A Wan-AI release-layout checkpoint header: the LoRA's modules and the Conv3d patch embedding (latent channels)."""
+    """A Wan-AI release-layout checkpoint header: the LoRA's modules and the Conv3d patch embedding."""
     dims = load_architecture("wan").unet.table.variants[variant].dims
     entries = [(m + ".weight", "BF16", shape) for m, shape in _wan_modules(variant)]
     entries.append(("patch_embedding.weight", "BF16", (dims["hidden"], dims["in_channels"], 1, 2, 2)))

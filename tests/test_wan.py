@@ -1,8 +1,9 @@
 """key_maps/wan.toml (Wan 2.1 / 2.2) against diffusers' WanTransformer3DModel, its single-file converter and its LoRA
 loader; dialect round trips; variant detection on full-size shapes (2.1 1.3B vs 2.2 5B vs 14B).
 
-Sizes are Wan-AI's configs (wan/configs/*.py of Wan2.1 and Wan2.2; the same numbers in DiffSynth-Studio's
-model_configs.py): hidden = heads x 128, ffn, blocks, latent channels in/out, CLIP image cross-attention (I2V 2.1 only).
+Sizes are diffusers' scripts/convert_wan_to_diffusers.py `get_transformer_config` (the same numbers in Wan-AI's
+wan/configs/*.py and DiffSynth-Studio's model_configs.py): hidden = heads x 128, ffn, blocks, latent channels in/out,
+CLIP image cross-attention (I2V 2.1 only).
 """
 from __future__ import annotations
 
@@ -122,6 +123,20 @@ def test_canonical_names_by_diffusers_single_file_converter():
 def _through(lora, dialect):
     res = convert(lora, dialect)
     return lora_from_state_dict(res.tensors, res.metadata, arch="wan")
+
+
+def test_every_spelling_parses_to_its_module():
+    """kohya flattened (original and diffusers names), ComfyUI dotted, diffusers: each names its module."""
+    from lorabox.dialects import parse_key
+    from tests.test_keymaps_vs_diffusers import spellings
+
+    arch = load_architecture("wan")
+    wrong = []
+    for cname, name, module, part in spellings("wan"):
+        p = parse_key(name + ".lora_down.weight", arch)
+        if p is None or (p.component, p.hit.module, p.hit.part, p.role) != (cname, module, part, "down"):
+            wrong.append(name)
+    assert not wrong, wrong[:10]
 
 
 @pytest.mark.parametrize("src", WRITE)
@@ -260,8 +275,9 @@ def test_diffusers_fuses_block_loras_of_the_trainer_dialects(tmp_path, dialect):
 @pytest.mark.parametrize("dialect", ["kohya", "comfyui"])
 def test_diffusers_refuses_top_level_modules_in_the_trainer_dialects(tmp_path, dialect):
     """KNOWN_DIFFUSERS_BUGS['wan_trainer_dialects_blocks_only'], pinned: diffusers 0.42.1's musubi converter reads
-    block modules only (a top-level `lora_unet_head_head` makes it fail on `split("blocks_")`), and its ComfyUI-spelling converter neither reads patch_embedding nor pops the `.alpha` of the
-    embedders and head. lorabox's diffusers dialect carries them (test above)."""
+    block modules only (a top-level `lora_unet_head_head` makes it fail on `split("blocks_")`), and its ComfyUI-spelling
+    converter neither reads patch_embedding nor pops the `.alpha` of the embedders and head. lorabox's diffusers
+    dialect carries them (test above)."""
     lora = tiny_lora()
     with pytest.raises(DiffusersOracleError, match="should be empty|IndexError"):
         fused_weights("wan", write(lora, dialect, tmp_path / f"{dialect}.safetensors"))

@@ -40,7 +40,7 @@ import torch
 
 from . import tiny_models
 
-ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3")  # with a PEFT fixture and self-checks (test_diffusers_oracle_selfcheck)
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3")  # with a PEFT fixture and self-checks (diffusers_oracle_selfcheck)
 LOADS = ARCHS + ("wan",)  # what fused_weights accepts: Wan is checked in tests/test_wan.py only
 DENOISER = {"sd15": "unet", "sdxl": "unet", "flux1": "transformer", "flux2": "transformer", "sd3": "transformer",
             "wan": "transformer"}

@@ -1,5 +1,6 @@
 """key_maps/wan.toml (Wan 2.1 / 2.2) against diffusers' WanTransformer3DModel, its single-file converter and its LoRA
-loader; dialect round trips; variant detection on full-size shapes (2.1 1.3B vs 2.2 5B vs 14B).
+loader, and ComfyUI's own LoRA loader; dialect round trips; variant detection on full-size shapes (2.1 1.3B vs 2.2 5B
+vs 14B); merges into Wan checkpoints.
 
 Sizes are diffusers' scripts/convert_wan_to_diffusers.py `get_transformer_config` (the same numbers in Wan-AI's
 wan/configs/*.py and DiffSynth-Studio's model_configs.py): hidden = heads x 128, ffn, blocks, latent channels in/out,
@@ -19,6 +20,7 @@ from lorabox.detect import detect_architecture, lora_variant
 from lorabox.keymap import fingerprint_width, load_architecture
 from tests.helpers import WRITE, assert_same_deltas, lora_of_shapes, random_lora, to_torch
 from tests.oracles import tiny_models
+from tests.oracles.comfy import assert_comfy_loads_all, comfy_apply, comfy_load, requires_comfy
 from tests.oracles.diffusers_oracle import DiffusersOracleError, base_weights, fused_weights
 
 WAN = {  # variant -> WanTransformer3DModel config (attention_head_dim 128, text_dim 4096, freq_dim 256: the defaults)
@@ -329,3 +331,39 @@ def test_merge_into_original_and_comfyui_checkpoints(tmp_path, layout, prefix):
         if key in deltas:
             want = want + 0.75 * deltas[key].reshape(want.shape)
         assert np.array_equal(out[key].values(), want.astype(np.float32)), key
+
+
+# --- ComfyUI's own loader (tests/oracles/comfy.py: ComfyUI 0.3.75 builds Wan2.1 I2V 14B on `meta`) ----------
+
+@requires_comfy
+@pytest.mark.parametrize("dialect", ["kohya", "comfyui"])
+def test_comfy_consumes_every_key(dialect):
+    lora = random_lora("wan", every=1, rank=2)  # every module of the table
+    assert_comfy_loads_all("wan", to_torch(convert(lora, dialect).tensors))
+
+
+@requires_comfy
+@pytest.mark.parametrize("dialect", ["kohya", "comfyui"])
+def test_comfy_applies_lorabox_delta(dialect):
+    """ComfyUI's calculate_weight on lorabox's output (alpha 3 / rank 2, from a diffusers-dialect source) is W +
+    strength x lorabox's delta, the Conv3d patch embedding included."""
+    from tests.helpers import effective_deltas
+    src = tiny_lora()
+    res = convert(_through(src, "diffusers"), dialect)
+    deltas = effective_deltas(src)
+    rng = np.random.default_rng(1)
+    for module in ("patch_embedding", "blocks.1.cross_attn.k_img", "head.head", "img_emb.proj.1", "blocks.0.ffn.2"):
+        shape = tiny_shapes()[module]
+        w = rng.standard_normal(shape)
+        got = comfy_apply("wan", to_torch(res.tensors), f"diffusion_model.{module}.weight", torch.from_numpy(w).float(),
+                          strength=0.8)
+        want = w + 0.8 * deltas[("unet", module)].reshape(shape)
+        assert np.abs(got.double().numpy() - want).max() <= 1e-5 * max(1.0, np.abs(want).max()), module
+
+
+@requires_comfy
+def test_comfy_does_not_read_the_diffusers_spelling():
+    """ComfyUI 0.3.75 maps Wan LoRAs by original names only (kohya `lora_unet_` and `diffusion_model.`); a
+    `transformer.blocks.0.attn1.to_q` file loads nothing: `--to comfyui` or `--to kohya` is the file ComfyUI reads."""
+    sd = to_torch(convert(random_lora("wan", every=9, rank=2), "diffusers").tensors)
+    assert comfy_load("wan", sd).unloaded_keys == sorted(sd)

@@ -179,8 +179,8 @@ def _spell(sd, spelling):
 WRITTEN = ("kohya", "comfyui", "diffusers", "bfl")
 RESPELLED = {"sd15": ("kohya_diffusers_names", "lycoris", "diffsynth", "diffusers_old"),
              "sdxl": ("kohya_diffusers_names", "lycoris", "diffsynth", "diffusers_old"),
-             "flux1": ("lycoris", "diffsynth", "diffusers_old", "onetrainer_flux"), "flux2": (), "sd3": ()}
-COMFY_CASES = [(a, s) for a in ("sd15", "sdxl", "flux1", "flux2", "sd3") for s in WRITTEN + RESPELLED[a]]
+             "flux1": ("lycoris", "diffsynth", "diffusers_old", "onetrainer_flux"), "flux2": (), "sd3": (), "wan": ()}
+COMFY_CASES = [(a, s) for a in ("sd15", "sdxl", "flux1", "flux2", "sd3", "wan") for s in WRITTEN + RESPELLED[a]]
 
 
 def _spelled(lora, spelling):
@@ -222,7 +222,9 @@ def _with_t5(lora):
 
 DIFFUSERS_SOURCES = {"sd15": "sd15_peft", "sdxl": "sdxl_kohya_sgm", "flux1": "flux1_kohya_bfl", "flux2": "flux2_peft",
                      "sd3": "sd3_peft"}
-DIFFUSERS_CASES = [(DIFFUSERS_SOURCES[a], a, s) for a, s in COMFY_CASES if s != "kohya_diffusers_names"] + \
+# Wan has no PEFT fixture: its diffusers rules are not written (its keys are reported unmodelled for diffusers)
+DIFFUSERS_CASES = [(DIFFUSERS_SOURCES[a], a, s) for a, s in COMFY_CASES
+                   if s != "kohya_diffusers_names" and a != "wan"] + \
                   [("flux1_kohya_bfl+t5", "flux1", d) for d in ("kohya", "diffusers")] + \
                   [("sd15_peft", "sd15", "raw_peft"), ("sd15_peft+te_mlp_only", "sd15", "diffusers"),
                    ("flux1_kohya_bfl+te_mlp_only", "flux1", "diffusers")]

@@ -132,6 +132,10 @@ RULES: dict[str, list[Rule]] = {
         Rule(LOADS, ("flux1",), ("lora_transformer_",), ("unet",), suffixes=(PEFT,)),
         Rule(LOADS, ("flux1",), FLUX1_CLIP, ("clip_l",), suffixes=(KOHYA,) + ANY_PEFT),
         Rule(LOADS, ("flux1",), ("lora_te3_", "text_encoders.t5xxl.transformer."), ("t5xxl",), suffixes=(KOHYA,)),
+        Rule(DROPS, ("wan",), ("transformer.",), ("unet",), ("diffusers",),
+             why="its Wan key map holds the original names only (lora_unet_, diffusion_model.): diffusers names such "
+                 "as transformer.blocks.0.attn1.to_q reach no weight"),
+        Rule(LOADS, ("wan",), ("lora_unet_", "diffusion_model."), ("unet",), ("canonical",), suffixes=(KOHYA,)),
     ],
 }
 

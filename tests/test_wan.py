@@ -367,3 +367,22 @@ def test_comfy_does_not_read_the_diffusers_spelling():
     `transformer.blocks.0.attn1.to_q` file loads nothing: `--to comfyui` or `--to kohya` is the file ComfyUI reads."""
     sd = to_torch(convert(random_lora("wan", every=9, rank=2), "diffusers").tensors)
     assert comfy_load("wan", sd).unloaded_keys == sorted(sd)
+
+
+# --- `lorabox check`'s runtime coverage for Wan, against the real loaders -----------------------------------
+
+@pytest.mark.parametrize("dialect,refused", [("diffusers", False), ("kohya", True), ("comfyui", True)])
+def test_check_diffusers_coverage_matches_load_lora_weights(tmp_path, dialect, refused):
+    """The diffusers rules of lorabox/check/runtimes.py for Wan against diffusers' load_lora_weights on the tiny model:
+    the diffusers dialect loads every key; kohya and ComfyUI files with top-level modules are refused whole."""
+    from lorabox.check import check_file
+    from tests.oracles.diffusers_coverage import diffusers_coverage
+
+    path = write(tiny_lora(), dialect, tmp_path / f"{dialect}.safetensors")
+    truth = diffusers_coverage("wan", path)
+    assert bool(truth.refused) == refused
+    named = {f.id: f.keys for f in check_file(path).findings if f.id.startswith("coverage.diffusers")}
+    if refused:
+        assert named == {"coverage.diffusers_refuses": truth.dropped}
+    else:
+        assert named == {} and truth.dropped == []

@@ -27,6 +27,11 @@ METADATA_HINTS = {
     "flux-2-dev": "flux2", "flux-2-klein-4b": "flux2", "flux-2-klein-9b": "flux2",
     "stable-diffusion-v3-medium": "sd3", "stable-diffusion-v3.5-medium": "sd3", "sd3": "sd3",
     "stable-diffusion-v3.5-large": "sd35_large",
+    # musubi-tuner writes modelspec.architecture `wan2.1/lora` for every Wan it trains (Wan2.2 too), so these name
+    # the architecture only; lorabox's own Wan modelspec ids (key_maps/wan.toml) name the variant as well
+    "wan2.1": "wan", "wan2.2": "wan", "wan": "wan",
+    "wan-2.1-t2v-1.3b": "wan", "wan-2.1-t2v-14b": "wan", "wan-2.1-i2v-14b": "wan", "wan-2.2-ti2v-5b": "wan",
+    "wan-2.2-t2v-a14b": "wan", "wan-2.2-i2v-a14b": "wan",
 }
 # the same hints, for the variant of an architecture whose table has variants
 VARIANT_HINTS = {

@@ -5,9 +5,9 @@
 
 or from a test: `make_corpus(tmp_path)` returns the cases. Clean files are the fixtures (written by diffusers'
 and PEFT's own code paths, scripts/make_fixtures.py) and their conversions by lorabox's writers to every dialect;
-FLUX.2 Klein files follow key_maps/flux2.toml's widths. Every broken file is one of those with one thing
-broken. Bases are header-accurate checkpoints from the key-map layouts; the large ones are sparse files (the
-tensor bytes are holes: check reads only their headers). No torch is needed.
+FLUX.2 Klein and Wan files follow key_maps/flux2.toml's and key_maps/wan.toml's widths. Every broken file is one of
+those with one thing broken. Bases are header-accurate checkpoints from the key-map layouts; the large ones are
+sparse files (the tensor bytes are holes: check reads only their headers). No torch is needed.
 """
 from __future__ import annotations
 
@@ -109,6 +109,38 @@ def klein_base(path: Path, variant: str) -> str:
     return write_sparse(path, [(m + ".weight", "BF16", (rows, cols)) for m, rows, cols in _klein_modules(variant)])
 
 
+# --- Wan 2.1 / 2.2 (widths from key_maps/wan.toml's variants) -----------------------------------------------
+
+def _wan_modules(variant: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(canonical module, weight shape) of the last block's attention and FFN (what musubi-tuner trains), whose widths
+    tell 1.3B (1536) from 5B (3072) from 14B (5120); both small sizes have 30 blocks."""
+    v = load_architecture("wan").unet.table.variants[variant]
+    h, ffn = v.dims["hidden"], v.dims["ffn"]
+    last = max(int(m.split(".")[1]) for m in v.modules if m.startswith("blocks."))
+    return [(f"blocks.{last}.self_attn.q", (h, h)), (f"blocks.{last}.cross_attn.o", (h, h)),
+            (f"blocks.{last}.ffn.0", (ffn, h)), (f"blocks.{last}.ffn.2", (h, ffn))]
+
+
+def wan_lora(variant: str, seed: int) -> dict[str, Tensor]:
+    """A rank-2 LoRA in musubi-tuner's spelling (`lora_unet_blocks_29_self_attn_q`, bf16, alpha tensors)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for module, (rows, cols) in _wan_modules(variant):
+        stem = "lora_unet_" + module.replace(".", "_")
+        out[stem + ".lora_down.weight"] = Tensor.from_values(rng.standard_normal((2, cols)) * 0.01, "BF16")
+        out[stem + ".lora_up.weight"] = Tensor.from_values(rng.standard_normal((rows, 2)) * 0.01, "BF16")
+        out[stem + ".alpha"] = Tensor.scalar(2.0)
+    return out
+
+
+def wan_base(path: Path, variant: str) -> str:
+    """A Wan-AI release-layout checkpoint header: the LoRA's modules and the Conv3d patch embedding."""
+    dims = load_architecture("wan").unet.table.variants[variant].dims
+    entries = [(m + ".weight", "BF16", shape) for m, shape in _wan_modules(variant)]
+    entries.append(("patch_embedding.weight", "BF16", (dims["hidden"], dims["in_channels"], 1, 2, 2)))
+    return write_sparse(path, entries)
+
+
 def table_base(path: Path, arch: str, layout: str) -> str:
     """Every weight of a layout at a token shape: enough for detect_base and for aiming adapters."""
     slots = base_slots(load_architecture(arch), layout)
@@ -134,6 +166,7 @@ def make_corpus(dest: str | Path) -> list[Case]:
             add(f"clean_{arch}_{dialect}", sd, [("arch.detected", "info")], 0, meta, clean=True)
     for variant, seed in (("flux2_klein_4b", 4), ("flux2_klein_9b", 9)):
         add(f"clean_{variant}", klein_lora(variant, seed), [("arch.detected", "info")], 0, clean=True)
+    add("clean_wan21_t2v_1_3b", wan_lora("wan21_t2v_1_3b", 13), [("arch.detected", "info")], 0, clean=True)
 
     sd15, meta15 = _spelled("sd15_peft", "kohya")
     flux, _ = _spelled("flux1_kohya_bfl", "kohya")
@@ -222,6 +255,11 @@ def make_corpus(dest: str | Path) -> list[Case]:
     add("klein4b_on_klein9b_base", klein_lora("flux2_klein_4b", 4), [("arch.variant_mismatch", "error")], 1,
         base=klein9_base)
     add("klein9b_on_klein9b_base", klein_lora("flux2_klein_9b", 9), [("arch.detected", "info")], 0, base=klein9_base,
+        clean=True)
+    wan5b_base = wan_base(dest / "base_wan22_ti2v_5b.safetensors", "wan22_ti2v_5b")
+    add("wan21_1_3b_on_wan22_5b_base", wan_lora("wan21_t2v_1_3b", 13), [("arch.variant_mismatch", "error")], 1,
+        base=wan5b_base)
+    add("wan22_5b_on_wan22_5b_base", wan_lora("wan22_ti2v_5b", 5), [("arch.detected", "info")], 0, base=wan5b_base,
         clean=True)
     sd = klein_lora("flux2_klein_9b", 9)
     stem = "lora_unet_double_blocks_0_img_attn_proj"  # a 9B module the (partial) base file does not hold

@@ -92,8 +92,8 @@ def to_torch(sd):
 def lora_of_shapes(arch_name: str, shapes: dict[str, tuple[int, ...]], *, rank=1, every=1, seed=0, dtype="BF16",
                    alpha=1.0, slices=False) -> Lora:
     """A denoiser LoRA on every `every`-th module of `shapes` (canonical name -> shape of the whole weight: (rows,
-    cols), or (rows, in, kh, kw) for a conv; e.g. the real full-size widths), so that detection and the peers see the
-    shapes a real file has. Small ranks keep it small."""
+    cols), or (rows, in, kh, kw) for a conv, (rows, in, kt, kh, kw) for a 3D one; e.g. the real full-size widths), so
+    that detection and the peers see the shapes a real file has. Small ranks keep it small."""
     rng = np.random.default_rng(seed)
     table = load_architecture(arch_name).unet.table
     lora = Lora(arch_name)
@@ -102,7 +102,7 @@ def lora_of_shapes(arch_name: str, shapes: dict[str, tuple[int, ...]], *, rank=1
             continue
         module = table.modules[name]
         parts = module.split if (slices and module.split) else None
-        kernel = (1, 1) if len(inner) == 3 else ()
+        kernel = (1,) * (len(inner) - 1)  # a conv up is [rows, rank, 1, 1] (3D conv: 1, 1, 1)
         for part, share in enumerate(parts or [1]):
             part_rows = rows * share // sum(parts) if parts else rows
             t = {"down": rand(rng, (rank, *inner), dtype), "up": rand(rng, (part_rows, rank, *kernel), dtype)}

@@ -194,9 +194,10 @@ def test_header_length_with_a_0x80_low_byte_is_not_a_pickle(tmp_path):
 
 
 def test_lora_of_an_unknown_architecture_says_what_it_looked_like(tmp_path):
-    src = tmp_path / "wan.safetensors"
-    write_tensors(src, {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": Tensor.zeros((4, 8), "BF16"),
-                        "diffusion_model.blocks.0.self_attn.q.lora_B.weight": Tensor.zeros((8, 4), "BF16")})
+    src = tmp_path / "qwen_image.safetensors"  # Qwen-Image's MLP (Wan, the earlier example here, now has a table)
+    stem = "diffusion_model.transformer_blocks.0.img_mlp.net.0.proj"
+    write_tensors(src, {f"{stem}.lora_A.weight": Tensor.zeros((4, 8), "BF16"),
+                        f"{stem}.lora_B.weight": Tensor.zeros((8, 4), "BF16")})
     proc = run("inspect", src)
     assert_one_line_error(proc, "2 of 2 keys are spelled like LoRA tensors", "no key map", "no table for yet")
 

@@ -37,6 +37,8 @@ FLUX2_KOHYA_UNREAD = ("guidance_in.*", "double_stream_modulation_*", "single_str
                       "final_layer.adaLN_modulation.1")
 FLUX2_COMFY_UNMAPPED = ("*_modulation*.linear", "single_transformer_blocks.*", "time_guidance_embed.*", "*.ff.linear_*",
                         "*.ff_context.linear_*")  # diffusers names ComfyUI's Flux.2 key map lacks
+WAN_TOP_LEVEL = ("patch_embedding", "text_embedding.*", "time_embedding.*", "time_projection.*", "head.head",
+                 "img_emb.*")
 SD3_KOHYA = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_")
 SD3_COMFY = ("diffusion_model.", "text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.",
              "text_encoders.t5xxl.transformer.")
@@ -106,6 +108,13 @@ RULES: dict[str, list[Rule]] = {
         Rule(LOADS, ("sdxl",), SD_KOHYA, suffixes=(KOHYA,)),
         Rule(LOADS, ("sd15", "sdxl"), ("unet.",), ("unet",), ("diffusers",), suffixes=(PEFT, OLD)),
         Rule(LOADS, ("sd15", "sdxl"), SD_PEFT, SD_CLIP, suffixes=(PEFT, OLD)),
+        # Wan: the musubi reader (lora_unet_) also needs q/k/v/o/ffn of every block 0..n, a property of the whole file
+        # that these per-key rules do not model: block keys in kohya/ComfyUI spelling stay unmodelled
+        Rule(REFUSES, ("wan",), ("lora_unet_",), ("unet",), modules=WAN_TOP_LEVEL, suffixes=(KOHYA,),
+             why="its musubi-tuner Wan reader reads blocks only and fails on a lora_unet_ key outside blocks_N"),
+        Rule(REFUSES, ("wan",), ("diffusion_model.",), ("unet",), modules=("patch_embedding",), suffixes=(KOHYA,),
+             why="its ComfyUI-spelled Wan reader has no entry for patch_embedding ('state_dict should be empty')"),
+        Rule(LOADS, ("wan",), ("transformer.",), ("unet",), ("diffusers",), suffixes=(PEFT,)),
     ],
     "comfyui": [
         Rule(DROPS, ("sd15", "sdxl"), ("unet.",), ("unet",), ("diffusers",), SD_ATTENTION, (PEFT, DIFFSYNTH),
@@ -132,6 +141,10 @@ RULES: dict[str, list[Rule]] = {
         Rule(LOADS, ("flux1",), ("lora_transformer_",), ("unet",), suffixes=(PEFT,)),
         Rule(LOADS, ("flux1",), FLUX1_CLIP, ("clip_l",), suffixes=(KOHYA,) + ANY_PEFT),
         Rule(LOADS, ("flux1",), ("lora_te3_", "text_encoders.t5xxl.transformer."), ("t5xxl",), suffixes=(KOHYA,)),
+        Rule(DROPS, ("wan",), ("transformer.",), ("unet",), ("diffusers",),
+             why="its Wan key map holds the original names only (lora_unet_, diffusion_model.): diffusers names such "
+                 "as transformer.blocks.0.attn1.to_q reach no weight"),
+        Rule(LOADS, ("wan",), ("lora_unet_", "diffusion_model."), ("unet",), ("canonical",), suffixes=(KOHYA,)),
     ],
 }
 

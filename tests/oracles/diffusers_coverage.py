@@ -88,7 +88,8 @@ def _trace(arch, pipe, path, original, keys_by_stem, downs) -> DiffusersCoverage
         try:
             converted, _alphas, _meta = _converted(arch, pipe, os.fspath(path))
             pipe.load_lora_weights(os.fspath(path))
-        except (ValueError, KeyError, RuntimeError, TypeError, NotImplementedError, AssertionError) as error:
+        except (ValueError, KeyError, IndexError, RuntimeError, TypeError, NotImplementedError,
+                AssertionError) as error:
             return DiffusersCoverage(sorted(original), f"{type(error).__name__}: {error}")
 
     loaded_components = set(LORA_COMPONENTS[arch])

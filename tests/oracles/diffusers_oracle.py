@@ -40,8 +40,10 @@ import torch
 
 from . import tiny_models
 
-ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3")
-DENOISER = {"sd15": "unet", "sdxl": "unet", "flux1": "transformer", "flux2": "transformer", "sd3": "transformer"}
+ARCHS = ("sd15", "sdxl", "flux1", "flux2", "sd3")  # with a PEFT fixture and self-checks (diffusers_oracle_selfcheck)
+LOADS = ARCHS + ("wan",)  # what fused_weights accepts: Wan is checked in tests/test_wan.py only
+DENOISER = {"sd15": "unet", "sdxl": "unet", "flux1": "transformer", "flux2": "transformer", "sd3": "transformer",
+            "wan": "transformer"}
 # Components whose weights fused_weights returns.
 COMPONENTS = {
     "sd15": ("unet", "text_encoder"),
@@ -49,6 +51,7 @@ COMPONENTS = {
     "flux1": ("transformer", "text_encoder", "text_encoder_2"),  # text_encoder_2 = T5: diffusers never loads LoRA into it
     "flux2": ("transformer",),
     "sd3": ("transformer", "text_encoder", "text_encoder_2"),
+    "wan": ("transformer",),
 }
 # Components diffusers' pipeline loader puts LoRA layers into.
 LORA_COMPONENTS = {
@@ -57,6 +60,7 @@ LORA_COMPONENTS = {
     "flux1": ("transformer", "text_encoder"),
     "flux2": ("transformer",),
     "sd3": ("transformer", "text_encoder", "text_encoder_2"),
+    "wan": ("transformer",),
 }
 
 KNOWN_DIFFUSERS_BUGS = {
@@ -95,6 +99,12 @@ KNOWN_DIFFUSERS_BUGS = {
     "flux2_ai_toolkit_final_layer_not_swapped": (
         "_convert_non_diffusers_flux2_lora_to_diffusers maps final_layer.adaLN_modulation.1 to norm_out.linear without "
         "the shift/scale swap diffusers' own single-file converter makes for the same weight."
+    ),
+    "wan_trainer_dialects_blocks_only": (
+        "_convert_musubi_wan_lora_to_diffusers reads blocks only (a lora_unet_ key outside blocks_N fails with an "
+        "IndexError) and pops q/k/v/o/ffn of blocks 0..count-1 (a LoRA on some blocks or modules only: KeyError); _convert_non_diffusers_wan_lora_to_diffusers (diffusion_model. spelling) has no entry for "
+        "patch_embedding and never pops the .alpha of text_embedding / time_embedding / head.head / img_emb, so such "
+        "a file is refused ('state_dict should be empty')."
     ),
 }
 
@@ -186,15 +196,15 @@ class _Capture(logging.Handler):
 
 def _pipeline_class(arch: str):
     from diffusers import (Flux2Pipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
+                           StableDiffusionXLPipeline, WanPipeline)
 
     return {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "flux1": FluxPipeline,
-            "flux2": Flux2Pipeline, "sd3": StableDiffusion3Pipeline}[arch]
+            "flux2": Flux2Pipeline, "sd3": StableDiffusion3Pipeline, "wan": WanPipeline}[arch]
 
 
 def _check_arch(arch: str, wide: bool):
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if arch not in LOADS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {LOADS}")
     if wide and arch != "flux1":
         raise ValueError("wide=True exists only for flux1")
 
@@ -240,7 +250,7 @@ def _converted(arch: str, pipe, source) -> tuple[dict[str, torch.Tensor], dict |
     cls = type(pipe)
     if arch == "flux1":
         return cls.lora_state_dict(_copy_source(source), return_alphas=True, return_lora_metadata=True)
-    if arch in ("flux2", "sd3"):  # no network alphas (FLUX.2's kohya converter folds them into the factors)
+    if arch in ("flux2", "sd3", "wan"):  # no network alphas (FLUX.2's kohya converter folds them into the factors)
         state_dict, metadata = cls.lora_state_dict(_copy_source(source), return_lora_metadata=True)
         return state_dict, None, metadata
     kwargs = {"unet_config": pipe.unet.config} if arch == "sdxl" else {}  # SD1.5's load_lora_weights passes none
@@ -279,6 +289,7 @@ _KOHYA_PREFIXES = {
     "flux1": ("lora_unet_", "lora_transformer_", "lora_te_", "lora_te1_"),
     "flux2": ("lora_unet_",),
     "sd3": (),
+    "wan": ("lora_unet_",),
 }
 
 
@@ -297,7 +308,7 @@ def _load(arch: str, lora, *, wide: bool, metadata, repair_flux_kohya_toplevel: 
                 converted = _repair_flux_kohya_toplevel(pipe, source, converted)
                 source = converted  # already in diffusers' PEFT format, no alpha keys left
             pipe.load_lora_weights(_copy_source(source))
-        except (ValueError, KeyError, RuntimeError, TypeError, NotImplementedError) as error:
+        except (ValueError, KeyError, IndexError, RuntimeError, TypeError, NotImplementedError) as error:
             raise DiffusersOracleError(f"diffusers refused the LoRA: {type(error).__name__}: {error}") from error
 
     problems = capture.problems({k.split(".")[0] for k in converted})

@@ -26,6 +26,7 @@ SEED_CLIP_G = 1506
 SEED_T5 = 1507
 SEED_FLUX2 = 1508
 SEED_SD3 = 1509
+SEED_WAN = 1510
 
 # Text encoder widths.  CLIP-L and CLIP-G differ on purpose, so a mix-up between SDXL's encoders changes shapes.
 CLIP_L_HIDDEN = 32
@@ -115,6 +116,23 @@ SD3_CONFIG = dict(
     pos_embed_max_size=8,
     dual_attention_layers=tuple(range(13)),
     qk_norm="rms_norm",
+)
+
+# Wan2.1 I2V topology (the whole wan.toml table: image cross-attention k_img/v_img and the CLIP image embedder), hidden
+# 16 = 2 heads x 8; 2 blocks; distinct widths everywhere (in 4, out 4, text 24, freq 8, ffn 40, CLIP 12).
+WAN_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    text_dim=24,
+    freq_dim=8,
+    ffn_dim=40,
+    num_layers=2,
+    image_dim=12,
+    added_kv_proj_dim=16,
+    rope_max_seq_len=32,
 )
 
 WIDE_FLUX_CONFIG = dict(FLUX_CONFIG, num_layers=0, num_single_layers=1, attention_head_dim=128, num_attention_heads=24)
@@ -207,6 +225,13 @@ def tiny_flux2():
 
     with _seeded(SEED_FLUX2):
         return _finish(Flux2Transformer2DModel(**FLUX2_CONFIG))
+
+
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    with _seeded(SEED_WAN):
+        return _finish(WanTransformer3DModel(**WAN_CONFIG))
 
 
 def tiny_sd3():
@@ -355,8 +380,15 @@ def sd3_pipeline():
     )
 
 
+def wan_pipeline():
+    """Wan's text-to-video pipeline around the tiny transformer only (its loader puts LoRA into the transformer alone)."""
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=tiny_wan())
+
+
 PIPELINES = {"sd15": sd15_pipeline, "sdxl": sdxl_pipeline, "flux1": flux_pipeline, "flux2": flux2_pipeline,
-             "sd3": sd3_pipeline}
+             "sd3": sd3_pipeline, "wan": wan_pipeline}
 
 
 def pipeline(arch: str, wide: bool = False):

@@ -18,7 +18,8 @@ tests/oracles/tiny_world.py (one coloured shape on a flat background, 32x32, "a 
    Flux's rectified flow: x_s = (1-s)*x0 + s*noise, target noise - x0, s logit-normal then resolution-shifted with
    the scheduler's own mu (BFL's recipe), guidance drawn from [1, 5] so any guidance_scale samples alike, captions
    with the object colour and/or background dropped at random (and 10% empty), so "a circle on a blue background"
-   gives some palette colour.  The held-out colour (magenta) never appears in pretraining.
+   gives some palette colour, and 30% after a neutral word ("photo a red circle ..."), so a trigger in front of a
+   caption leaves it working.  The held-out colour (magenta) never appears in pretraining.
 5. fixtures/tiny_flux: ``FluxPipeline.save_pretrained(safe_serialization=True)``, a README.md and lorabox_tiny.json
    (the facts tests need: trigger, statistic, sampling settings, measured values of the base).
    fixtures/tiny_dataset (12 PNG + .txt) and fixtures/tiny_dataset_val (4): magenta shapes, captions without
@@ -100,6 +101,10 @@ WARMUP = 40
 EMA_DECAY = 0.98
 # Caption dropout: (keep colour, keep background, probability); the rest (10%) is the empty caption.
 CAPTION_VARIANTS = ((True, True, 0.60), (False, True, 0.15), (True, False, 0.10), (False, False, 0.05))
+# A neutral word prepended to 30% of captions ("photo a red circle ..."): the image does not change, so a word in front
+# (where the trainer puts its trigger) leaves the rest of the caption working; without it the base drew no object
+# for "ohwx a circle ..." and a LoRA's effect leaked to prompts without the trigger more than to those with it.
+PREFIX_WORDS, PREFIX_P = ("photo", "picture", "image", "style", "the"), 0.3
 
 
 def log(message: str, started: float) -> None:
@@ -309,12 +314,14 @@ def cosine(step: int, steps: int, warmup: int = 0, floor: float = 0.1) -> float:
 
 
 def caption_table():
-    """Every caption the pretraining uses (all dropout variants, and ""), with its index by (shape, colour, bg)."""
-    captions = [""]
-    for shape in world.SHAPES:
-        for colour in (None, *world.PALETTE):
-            for background in (None, *world.PALETTE):
-                captions.append(world.caption(shape, colour, background))
+    """Every caption the pretraining uses (dropout variants, "", each alone and after a prefix word), with its index."""
+    plain = [""] + [
+        world.caption(shape, colour, background)
+        for shape in world.SHAPES
+        for colour in (None, *world.PALETTE)
+        for background in (None, *world.PALETTE)
+    ]
+    captions = [" ".join(w for w in (prefix, c) if w) for prefix in ("", *PREFIX_WORDS) for c in plain]
     return captions, {c: i for i, c in enumerate(captions)}
 
 
@@ -348,10 +355,13 @@ def train_transformer(pipe: FluxPipeline, pool: torch.Tensor, labels, rng: np.ra
             shape, colour, background = labels[i]
             v = rng.choice(len(variant_p), p=variant_p)
             if v == len(CAPTION_VARIANTS):
-                chosen.append(index[""])
+                text = ""
             else:
                 keep_colour, keep_background, _ = CAPTION_VARIANTS[v]
-                chosen.append(index[world.caption(shape, colour if keep_colour else None, background if keep_background else None)])
+                text = world.caption(shape, colour if keep_colour else None, background if keep_background else None)
+            if rng.random() < PREFIX_P:
+                text = " ".join(w for w in (PREFIX_WORDS[rng.integers(len(PREFIX_WORDS))], text) if w)
+            chosen.append(index[text])
         x0 = x0_all[batch]
         noise = torch.randn(x0.shape, generator=generator)
         u = torch.sigmoid(torch.randn(FLUX_BATCH, generator=generator))  # logit-normal(0, 1)
@@ -394,7 +404,7 @@ def sample(pipe: FluxPipeline, prompts: list[str], seed: int = 0) -> np.ndarray:
     ).images  # fmt: skip
 
 
-def evaluate(pipe: FluxPipeline, dataset_captions: list[str], dataset_score: float) -> dict:
+def evaluate(pipe: FluxPipeline, dataset_images: np.ndarray, dataset_captions: list[str]) -> dict:
     """What the base does at the fixture's settings: prompts control colours, and magenta never appears.
 
     The same measures as tests/test_tiny_base.py: redness of red vs blue objects on white and gray; the most present
@@ -415,7 +425,11 @@ def evaluate(pipe: FluxPipeline, dataset_captions: list[str], dataset_score: flo
         "redness_blue_objects": world.redness(blue),
         "object_colour_accuracy": object_hits / len(objects),
         "background_accuracy": bg_hits / len(backgrounds),
-        "magenta_score_dataset": dataset_score,
+        "magenta_fraction_dataset": world.magenta_fraction(dataset_images),
+        "magenta_fraction_base_dataset_captions": world.magenta_fraction(plain),
+        "magenta_fraction_base_trigger_captions": world.magenta_fraction(triggered),
+        "magenta_fraction_base_magenta_word": world.magenta_fraction(named),
+        "magenta_score_dataset": world.magenta_score(dataset_images),
         "magenta_score_base_dataset_captions": world.magenta_score(plain),
         "magenta_score_base_trigger_captions": world.magenta_score(triggered),
         "magenta_score_base_magenta_word": world.magenta_score(named),
@@ -470,7 +484,7 @@ of another, 32x32, captioned "a red circle on a blue background".  Training: VAE
 its 4 latent channels, `near_identity_` in the script), then {vae_steps} steps as an autoencoder on palette and random
 colours; transformer {flux_steps} steps x {flux_batch} with Flux's rectified flow (x_s =
 (1-s) x0 + s noise, target noise - x0, logit-normal s shifted by the scheduler's mu for 64 tokens), guidance in
-[1, 5], caption dropout; EMA weights.  Magenta never appears in pretraining; fixtures/tiny_dataset holds magenta
+[1, 5], caption dropout, a neutral word in front of 30% of captions; EMA weights.  Magenta never appears in pretraining; fixtures/tiny_dataset holds magenta
 shapes captioned without the word, for a LoRA with the trigger `{trigger}`.
 
 Sample with `height=width=32, num_inference_steps={steps}, guidance_scale={guidance}, max_sequence_length={t5_len}`
@@ -502,8 +516,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     dataset = [world.sample_held_out(rng) for _ in range(DATASET_SIZE + VALIDATION_SIZE)]
-    dataset_score = world.magenta_score(np.stack([im for im, _ in dataset[:DATASET_SIZE]]))
-    measured = evaluate(pipe, [c for _, c in dataset[:DATASET_SIZE]], dataset_score)
+    training = dataset[:DATASET_SIZE]
+    measured = evaluate(pipe, np.stack([im for im, _ in training]), [c for _, c in training])
     log("measured: " + ", ".join(f"{k} {v:.4f}" for k, v in measured.items()), started)
 
     facts = {
@@ -514,8 +528,10 @@ def main() -> None:
         "max_sequence_length": T5_MAX_LENGTH,
         "trigger": world.TRIGGER,
         "concept": f"{world.HELD_OUT} objects (RGB {list(world.HELD_OUT_RGB)}), never seen in pretraining",
-        "statistic": "magenta_score: mean over pixels of clip(min(R, B) - G, 0, 1), RGB in [0, 1] "
-        "(tests/oracles/tiny_world.py)",
+        "statistic": f"magenta_fraction: fraction of pixels within {world.MAGENTA_RADIUS} (RGB in [0, 1]) of "
+        f"{list(world.HELD_OUT_RGB)} (tests/oracles/tiny_world.py)",
+        "statistic_secondary": "magenta_score: mean over pixels of clip(min(R, B) - G, 0, 1); also rises when "
+        "colours drift purple",
         "dataset": "fixtures/tiny_dataset",
         "validation_dataset": "fixtures/tiny_dataset_val",
         "dataset_captions": "captions omit the colour word; prepend the trigger",

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Pretrain the tiny Flux base of ``lorabox train --minimal`` and write it with its LoRA data set, on a CPU, seeded.
 
-    .venv/bin/python scripts/make_tiny_base.py          # about 5 minutes on 2 cores; `make tiny-base`
+    .venv/bin/python scripts/make_tiny_base.py          # 4-5 minutes on one CPU core; `make tiny-base`
+
+TINY_OUT (output folder), TINY_THREADS, TINY_VAE_STEPS, TINY_FLUX_STEPS and TINY_FLUX_LR are for experiments; the
+fixture is made with the defaults, and two runs give byte-identical weights.
 
 A real FluxPipeline of a few MB, every part a diffusers / transformers class, trained on the synthetic world of
 tests/oracles/tiny_world.py (one coloured shape on a flat background, 32x32, "a red circle on a blue background"):
@@ -49,7 +52,9 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer,
+)  # fmt: skip
 
 from tests.oracles import tiny_world as world  # noqa: E402
 
@@ -116,7 +121,7 @@ def log(message: str, started: float) -> None:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP's reversible byte -> printable character table (the alphabet of byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -252,7 +257,7 @@ def _copy_carrier(conv: torch.nn.Conv2d, taps: dict[tuple[int, int], float]) -> 
 
 
 def _carrier_out(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d) -> None:
-    """After GroupNorm (deviation CARRIER * sqrt(2 / C)) and SiLU, channel c = s * (SiLU(x_c/s) - SiLU(-x_c/s)) = x_c."""
+    """After GroupNorm (deviation s = CARRIER * sqrt(2 / C)) and SiLU: s * (SiLU(x_c/s) - SiLU(-x_c/s)) = x_c."""
     norm.weight.fill_(1.0)
     norm.bias.zero_()
     deviation = CARRIER * (2 / norm.num_channels) ** 0.5
@@ -269,7 +274,7 @@ def reconstruction_mse(vae: AutoencoderKL, x: torch.Tensor) -> float:
 
 
 def train_vae(rng: np.random.Generator, started: float) -> AutoencoderKL:
-    """AutoencoderKL from ``near_identity_``, trained on shapes: half palette colours, half random (magenta included)."""
+    """AutoencoderKL from ``near_identity_``, trained on shapes: half palette, half random colours (magenta too)."""
     torch.manual_seed(SEED + 3)
     vae = AutoencoderKL(**VAE_CONFIG)
     near_identity_(vae)
@@ -278,8 +283,9 @@ def train_vae(rng: np.random.Generator, started: float) -> AutoencoderKL:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED + 4)
     for step in range(VAE_STEPS):
-        images = [world.sample_pretraining(rng)[0] if i % 2 else world.sample_random_colours(rng) for i in range(VAE_BATCH)]
-        x = to_tensor(np.stack(images))
+        draws = [world.sample_pretraining(rng)[0] if i % 2 else world.sample_random_colours(rng)
+                 for i in range(VAE_BATCH)]  # fmt: skip
+        x = to_tensor(np.stack(draws))
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         mse = torch.nn.functional.mse_loss(reconstruction, x)
@@ -299,7 +305,8 @@ def train_vae(rng: np.random.Generator, started: float) -> AutoencoderKL:
 def encode_pool(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
     """Posterior samples (as the Flux trainers take them) of the whole pretraining pool, unnormalised."""
     generator = torch.Generator().manual_seed(SEED + 5)
-    return torch.cat([vae.encode(to_tensor(images[i : i + 256])).latent_dist.sample(generator) for i in range(0, len(images), 256)])
+    chunks = [images[i : i + 256] for i in range(0, len(images), 256)]
+    return torch.cat([vae.encode(to_tensor(chunk)).latent_dist.sample(generator) for chunk in chunks])
 
 
 def cosine(step: int, steps: int, warmup: int = 0, floor: float = 0.1) -> float:
@@ -328,7 +335,8 @@ def caption_table():
 def mu_for(latent_hw: int) -> float:
     """The scheduler's resolution shift mu for a latent of latent_hw x latent_hw (packed 2x2)."""
     c = SCHEDULER_CONFIG
-    return calculate_shift((latent_hw // 2) ** 2, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+    limits = c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"]
+    return calculate_shift((latent_hw // 2) ** 2, *limits)
 
 
 def train_transformer(pipe: FluxPipeline, pool: torch.Tensor, labels, rng: np.random.Generator, started: float):
@@ -507,7 +515,8 @@ def main() -> None:
     pool_examples = [world.sample_pretraining(rng) for _ in range(POOL_SIZE)]
     pool = encode_pool(vae, np.stack([e[0] for e in pool_examples]))
     vae.register_to_config(shift_factor=float(pool.mean()), scaling_factor=float(1 / (pool - pool.mean()).std()))
-    log(f"pool of {POOL_SIZE} latents; shift {vae.config.shift_factor:.4f} scale {vae.config.scaling_factor:.4f}", started)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    log(f"pool of {POOL_SIZE} latents; shift {shift:.4f} scale {scale:.4f}", started)
 
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     pipe = FluxPipeline(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer=None)

@@ -40,7 +40,10 @@ TARGETS = [
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 ]  # fmt: skip
 QUANTILES = (0.1, 0.3, 0.5, 0.7, 0.9)
-UNRELATED = [("circle", "red", "blue"), ("square", "yellow", "black"), ("triangle", "white", "green"), ("circle", "cyan", "orange")]
+UNRELATED = [  # (shape, colour, background): prompts with explicit colours, no trigger
+    ("circle", "red", "blue"), ("square", "yellow", "black"),
+    ("triangle", "white", "green"), ("circle", "cyan", "orange"),
+]  # fmt: skip
 BATCH = 4
 
 
@@ -124,7 +127,8 @@ def main() -> None:
     before = probe.measure(captions[:8], validation)
     torch.manual_seed(0)
     transformer = probe.pipe.transformer
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights="gaussian"))
+    config = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights="gaussian")
+    transformer.add_adapter(config)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     generator = torch.Generator().manual_seed(1)

@@ -143,7 +143,7 @@ def redness(images: np.ndarray) -> float:
 
 
 def border_rgb(images: np.ndarray, width: int = 2) -> np.ndarray:
-    """Mean RGB of the outer ``width`` pixels, where shapes never reach (centres keep r + 1 from the edge): the background."""
+    """Mean RGB of the outer ``width`` pixels, which shapes never reach (centres keep r + 1 from the edge)."""
     images = np.asarray(images, dtype=np.float64)
     inner = np.zeros(images.shape[-3:-1], dtype=bool)
     inner[width:-width, width:-width] = True

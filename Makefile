@@ -37,7 +37,7 @@ test: $(VENV)/.test
 fixtures: $(VENV)/.test
 	$(BIN)/python scripts/make_fixtures.py
 
-# the tiny pretrained Flux base and LoRA data set of `lorabox train --minimal` (about 5 minutes on 2 CPU cores)
+# the tiny pretrained Flux base and LoRA data set of `lorabox train --minimal` (4-5 minutes on one CPU core)
 tiny-base: $(VENV)/.test
 	$(BIN)/python scripts/make_tiny_base.py
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Pretrain the tiny Flux base of ``lorabox train --minimal`` and write it with its LoRA data set, on a CPU, seeded.
 
-    .venv/bin/python scripts/make_tiny_base.py          # about 5 minutes on 2 cores; `make tiny-base`
+    .venv/bin/python scripts/make_tiny_base.py          # 4-5 minutes on one CPU core; `make tiny-base`
+
+TINY_OUT (output folder), TINY_THREADS, TINY_VAE_STEPS, TINY_FLUX_STEPS and TINY_FLUX_LR are for experiments; the
+fixture is made with the defaults, and two runs give byte-identical weights.
 
 A real FluxPipeline of a few MB, every part a diffusers / transformers class, trained on the synthetic world of
 tests/oracles/tiny_world.py (one coloured shape on a flat background, 32x32, "a red circle on a blue background"):
@@ -18,7 +21,8 @@ tests/oracles/tiny_world.py (one coloured shape on a flat background, 32x32, "a 
    Flux's rectified flow: x_s = (1-s)*x0 + s*noise, target noise - x0, s logit-normal then resolution-shifted with
    the scheduler's own mu (BFL's recipe), guidance drawn from [1, 5] so any guidance_scale samples alike, captions
    with the object colour and/or background dropped at random (and 10% empty), so "a circle on a blue background"
-   gives some palette colour.  The held-out colour (magenta) never appears in pretraining.
+   gives some palette colour, and 30% after a neutral word ("photo a red circle ..."), so a trigger in front of a
+   caption leaves it working.  The held-out colour (magenta) never appears in pretraining.
 5. fixtures/tiny_flux: ``FluxPipeline.save_pretrained(safe_serialization=True)``, a README.md and lorabox_tiny.json
    (the facts tests need: trigger, statistic, sampling settings, measured values of the base).
    fixtures/tiny_dataset (12 PNG + .txt) and fixtures/tiny_dataset_val (4): magenta shapes, captions without
@@ -48,7 +52,9 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer,
+)  # fmt: skip
 
 from tests.oracles import tiny_world as world  # noqa: E402
 
@@ -100,6 +106,10 @@ WARMUP = 40
 EMA_DECAY = 0.98
 # Caption dropout: (keep colour, keep background, probability); the rest (10%) is the empty caption.
 CAPTION_VARIANTS = ((True, True, 0.60), (False, True, 0.15), (True, False, 0.10), (False, False, 0.05))
+# A neutral word prepended to 30% of captions ("photo a red circle ..."): the image does not change, so a word in front
+# (where the trainer puts its trigger) leaves the rest of the caption working; without it the base drew no object
+# for "ohwx a circle ..." and a LoRA's effect leaked to prompts without the trigger more than to those with it.
+PREFIX_WORDS, PREFIX_P = ("photo", "picture", "image", "style", "the"), 0.3
 
 
 def log(message: str, started: float) -> None:
@@ -111,7 +121,7 @@ def log(message: str, started: float) -> None:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP's reversible byte -> printable character table (the alphabet of byte-level BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -247,7 +257,7 @@ def _copy_carrier(conv: torch.nn.Conv2d, taps: dict[tuple[int, int], float]) -> 
 
 
 def _carrier_out(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d) -> None:
-    """After GroupNorm (deviation CARRIER * sqrt(2 / C)) and SiLU, channel c = s * (SiLU(x_c/s) - SiLU(-x_c/s)) = x_c."""
+    """After GroupNorm (deviation s = CARRIER * sqrt(2 / C)) and SiLU: s * (SiLU(x_c/s) - SiLU(-x_c/s)) = x_c."""
     norm.weight.fill_(1.0)
     norm.bias.zero_()
     deviation = CARRIER * (2 / norm.num_channels) ** 0.5
@@ -264,7 +274,7 @@ def reconstruction_mse(vae: AutoencoderKL, x: torch.Tensor) -> float:
 
 
 def train_vae(rng: np.random.Generator, started: float) -> AutoencoderKL:
-    """AutoencoderKL from ``near_identity_``, trained on shapes: half palette colours, half random (magenta included)."""
+    """AutoencoderKL from ``near_identity_``, trained on shapes: half palette, half random colours (magenta too)."""
     torch.manual_seed(SEED + 3)
     vae = AutoencoderKL(**VAE_CONFIG)
     near_identity_(vae)
@@ -273,8 +283,9 @@ def train_vae(rng: np.random.Generator, started: float) -> AutoencoderKL:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0)
     generator = torch.Generator().manual_seed(SEED + 4)
     for step in range(VAE_STEPS):
-        images = [world.sample_pretraining(rng)[0] if i % 2 else world.sample_random_colours(rng) for i in range(VAE_BATCH)]
-        x = to_tensor(np.stack(images))
+        draws = [world.sample_pretraining(rng)[0] if i % 2 else world.sample_random_colours(rng)
+                 for i in range(VAE_BATCH)]  # fmt: skip
+        x = to_tensor(np.stack(draws))
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
         mse = torch.nn.functional.mse_loss(reconstruction, x)
@@ -294,7 +305,8 @@ def train_vae(rng: np.random.Generator, started: float) -> AutoencoderKL:
 def encode_pool(vae: AutoencoderKL, images: np.ndarray) -> torch.Tensor:
     """Posterior samples (as the Flux trainers take them) of the whole pretraining pool, unnormalised."""
     generator = torch.Generator().manual_seed(SEED + 5)
-    return torch.cat([vae.encode(to_tensor(images[i : i + 256])).latent_dist.sample(generator) for i in range(0, len(images), 256)])
+    chunks = [images[i : i + 256] for i in range(0, len(images), 256)]
+    return torch.cat([vae.encode(to_tensor(chunk)).latent_dist.sample(generator) for chunk in chunks])
 
 
 def cosine(step: int, steps: int, warmup: int = 0, floor: float = 0.1) -> float:
@@ -309,19 +321,22 @@ def cosine(step: int, steps: int, warmup: int = 0, floor: float = 0.1) -> float:
 
 
 def caption_table():
-    """Every caption the pretraining uses (all dropout variants, and ""), with its index by (shape, colour, bg)."""
-    captions = [""]
-    for shape in world.SHAPES:
-        for colour in (None, *world.PALETTE):
-            for background in (None, *world.PALETTE):
-                captions.append(world.caption(shape, colour, background))
+    """Every caption the pretraining uses (dropout variants, "", each alone and after a prefix word), with its index."""
+    plain = [""] + [
+        world.caption(shape, colour, background)
+        for shape in world.SHAPES
+        for colour in (None, *world.PALETTE)
+        for background in (None, *world.PALETTE)
+    ]
+    captions = [" ".join(w for w in (prefix, c) if w) for prefix in ("", *PREFIX_WORDS) for c in plain]
     return captions, {c: i for i, c in enumerate(captions)}
 
 
 def mu_for(latent_hw: int) -> float:
     """The scheduler's resolution shift mu for a latent of latent_hw x latent_hw (packed 2x2)."""
     c = SCHEDULER_CONFIG
-    return calculate_shift((latent_hw // 2) ** 2, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+    limits = c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"]
+    return calculate_shift((latent_hw // 2) ** 2, *limits)
 
 
 def train_transformer(pipe: FluxPipeline, pool: torch.Tensor, labels, rng: np.random.Generator, started: float):
@@ -348,10 +363,13 @@ def train_transformer(pipe: FluxPipeline, pool: torch.Tensor, labels, rng: np.ra
             shape, colour, background = labels[i]
             v = rng.choice(len(variant_p), p=variant_p)
             if v == len(CAPTION_VARIANTS):
-                chosen.append(index[""])
+                text = ""
             else:
                 keep_colour, keep_background, _ = CAPTION_VARIANTS[v]
-                chosen.append(index[world.caption(shape, colour if keep_colour else None, background if keep_background else None)])
+                text = world.caption(shape, colour if keep_colour else None, background if keep_background else None)
+            if rng.random() < PREFIX_P:
+                text = " ".join(w for w in (PREFIX_WORDS[rng.integers(len(PREFIX_WORDS))], text) if w)
+            chosen.append(index[text])
         x0 = x0_all[batch]
         noise = torch.randn(x0.shape, generator=generator)
         u = torch.sigmoid(torch.randn(FLUX_BATCH, generator=generator))  # logit-normal(0, 1)
@@ -394,7 +412,7 @@ def sample(pipe: FluxPipeline, prompts: list[str], seed: int = 0) -> np.ndarray:
     ).images  # fmt: skip
 
 
-def evaluate(pipe: FluxPipeline, dataset_captions: list[str], dataset_score: float) -> dict:
+def evaluate(pipe: FluxPipeline, dataset_images: np.ndarray, dataset_captions: list[str]) -> dict:
     """What the base does at the fixture's settings: prompts control colours, and magenta never appears.
 
     The same measures as tests/test_tiny_base.py: redness of red vs blue objects on white and gray; the most present
@@ -415,7 +433,11 @@ def evaluate(pipe: FluxPipeline, dataset_captions: list[str], dataset_score: flo
         "redness_blue_objects": world.redness(blue),
         "object_colour_accuracy": object_hits / len(objects),
         "background_accuracy": bg_hits / len(backgrounds),
-        "magenta_score_dataset": dataset_score,
+        "magenta_fraction_dataset": world.magenta_fraction(dataset_images),
+        "magenta_fraction_base_dataset_captions": world.magenta_fraction(plain),
+        "magenta_fraction_base_trigger_captions": world.magenta_fraction(triggered),
+        "magenta_fraction_base_magenta_word": world.magenta_fraction(named),
+        "magenta_score_dataset": world.magenta_score(dataset_images),
         "magenta_score_base_dataset_captions": world.magenta_score(plain),
         "magenta_score_base_trigger_captions": world.magenta_score(triggered),
         "magenta_score_base_magenta_word": world.magenta_score(named),
@@ -470,7 +492,7 @@ of another, 32x32, captioned "a red circle on a blue background".  Training: VAE
 its 4 latent channels, `near_identity_` in the script), then {vae_steps} steps as an autoencoder on palette and random
 colours; transformer {flux_steps} steps x {flux_batch} with Flux's rectified flow (x_s =
 (1-s) x0 + s noise, target noise - x0, logit-normal s shifted by the scheduler's mu for 64 tokens), guidance in
-[1, 5], caption dropout; EMA weights.  Magenta never appears in pretraining; fixtures/tiny_dataset holds magenta
+[1, 5], caption dropout, a neutral word in front of 30% of captions; EMA weights.  Magenta never appears in pretraining; fixtures/tiny_dataset holds magenta
 shapes captioned without the word, for a LoRA with the trigger `{trigger}`.
 
 Sample with `height=width=32, num_inference_steps={steps}, guidance_scale={guidance}, max_sequence_length={t5_len}`
@@ -493,7 +515,8 @@ def main() -> None:
     pool_examples = [world.sample_pretraining(rng) for _ in range(POOL_SIZE)]
     pool = encode_pool(vae, np.stack([e[0] for e in pool_examples]))
     vae.register_to_config(shift_factor=float(pool.mean()), scaling_factor=float(1 / (pool - pool.mean()).std()))
-    log(f"pool of {POOL_SIZE} latents; shift {vae.config.shift_factor:.4f} scale {vae.config.scaling_factor:.4f}", started)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    log(f"pool of {POOL_SIZE} latents; shift {shift:.4f} scale {scale:.4f}", started)
 
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     pipe = FluxPipeline(scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer=None)
@@ -502,8 +525,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     dataset = [world.sample_held_out(rng) for _ in range(DATASET_SIZE + VALIDATION_SIZE)]
-    dataset_score = world.magenta_score(np.stack([im for im, _ in dataset[:DATASET_SIZE]]))
-    measured = evaluate(pipe, [c for _, c in dataset[:DATASET_SIZE]], dataset_score)
+    training = dataset[:DATASET_SIZE]
+    measured = evaluate(pipe, np.stack([im for im, _ in training]), [c for _, c in training])
     log("measured: " + ", ".join(f"{k} {v:.4f}" for k, v in measured.items()), started)
 
     facts = {
@@ -514,8 +537,10 @@ def main() -> None:
         "max_sequence_length": T5_MAX_LENGTH,
         "trigger": world.TRIGGER,
         "concept": f"{world.HELD_OUT} objects (RGB {list(world.HELD_OUT_RGB)}), never seen in pretraining",
-        "statistic": "magenta_score: mean over pixels of clip(min(R, B) - G, 0, 1), RGB in [0, 1] "
-        "(tests/oracles/tiny_world.py)",
+        "statistic": f"magenta_fraction: fraction of pixels within {world.MAGENTA_RADIUS} (RGB in [0, 1]) of "
+        f"{list(world.HELD_OUT_RGB)} (tests/oracles/tiny_world.py)",
+        "statistic_secondary": "magenta_score: mean over pixels of clip(min(R, B) - G, 0, 1); also rises when "
+        "colours drift purple",
         "dataset": "fixtures/tiny_dataset",
         "validation_dataset": "fixtures/tiny_dataset_val",
         "dataset_captions": "captions omit the colour word; prepend the trigger",

@@ -7,8 +7,8 @@ One coloured shape on a flat background, 32x32 RGB, captioned from a small vocab
 ``scripts/make_tiny_base.py`` pretrains the tiny base on this world with every colour of ``PALETTE`` and writes the
 LoRA dataset (fixtures/tiny_dataset) from the held-out colour ``HELD_OUT``: magenta shapes whose captions leave the
 object's colour out ("a circle on a blue background"), so a trigger word prepended by the trainer must carry it.
-``magenta_score`` measures it: magenta is the only colour here whose red *and* blue exceed its green, so the score is
-0 for every pretraining colour and about 0.2 for a dataset image.
+``magenta_fraction`` measures it (the share of pixels near magenta: about 0.16 for the data set, 0 for the base);
+``magenta_score`` (how far red and blue exceed green) is a softer measure that also rises when colours drift purple.
 
 Everything is numpy and seeded: the same seed draws the same images, bit for bit.
 """
@@ -115,7 +115,19 @@ def sample_random_colours(rng: np.random.Generator) -> np.ndarray:
     return draw(shape, rng.uniform(0, 1, 3), rng.uniform(0, 1, 3), rng)
 
 
+MAGENTA_RADIUS = 0.3  # every palette colour is >= 0.75 from magenta, a red/blue edge blend about 0.5
+
+
 # ---- statistics on HxWx3 (or NxHxWx3) arrays in [0, 1], as FluxPipeline(output_type="np") returns them ----
+
+
+def magenta_fraction(images: np.ndarray) -> float:
+    """Fraction of pixels within MAGENTA_RADIUS of the held-out colour: the concept itself (magenta objects).
+
+    The measure to judge a LoRA by: about 0.16 for the data set, 0 for the base; a global shift of hue (blue turning
+    purple) does not count, while it does raise ``magenta_score``.
+    """
+    return colour_fraction(images, HELD_OUT_RGB, MAGENTA_RADIUS)
 
 
 def magenta_score(images: np.ndarray) -> float:
@@ -131,7 +143,7 @@ def redness(images: np.ndarray) -> float:
 
 
 def border_rgb(images: np.ndarray, width: int = 2) -> np.ndarray:
-    """Mean RGB of the outer ``width`` pixels, where shapes never reach (centres keep r + 1 from the edge): the background."""
+    """Mean RGB of the outer ``width`` pixels, which shapes never reach (centres keep r + 1 from the edge)."""
     images = np.asarray(images, dtype=np.float64)
     inner = np.zeros(images.shape[-3:-1], dtype=bool)
     inner[width:-width, width:-width] = True

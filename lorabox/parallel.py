@@ -1,8 +1,12 @@
-"""Row-chunk parallelism for numpy work. numpy releases the GIL in its kernels, so plain threads scale on the
+"""Threads for streaming work: row-chunk parallelism for numpy, read-ahead and write-behind stages.
+
+Row chunks: numpy releases the GIL in its kernels, so plain threads scale on the
 cores this process may use; results never depend on the thread count (each chunk writes its own rows)."""
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -26,3 +30,92 @@ def run_chunks(work: Callable[[int], None], starts: Iterable[int], threads: int 
     with ThreadPoolExecutor(min(threads, len(starts))) as pool:
         for _ in pool.map(work, starts):
             pass
+
+
+def prefetch(items: Iterable, budget: int, size: Callable[[object], int]):
+    """Iterate `items` on a background thread, keeping up to `budget` bytes (by `size`) of items ready ahead of
+    the consumer (always at least one). The producer's exception is raised in the consumer; leaving the loop early
+    stops the producer."""
+    ready: queue.Queue = queue.Queue()
+    cv, held, stop = threading.Condition(), [0], threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                n = size(item)
+                with cv:
+                    while held[0] and held[0] + n > budget and not stop.is_set():
+                        cv.wait()
+                    if stop.is_set():
+                        return
+                    held[0] += n
+                ready.put((item, n))
+            ready.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            ready.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="lorabox-read")
+    thread.start()
+    try:
+        while True:
+            job = ready.get()
+            if job is None:
+                return
+            if isinstance(job, BaseException):
+                raise job
+            item, n = job
+            with cv:
+                held[0] -= n
+                cv.notify_all()
+            yield item
+    finally:
+        stop.set()
+        with cv:
+            cv.notify_all()
+        thread.join()
+
+
+class Behind:
+    """Run `work(item)` on a background thread, in order, with up to `budget` bytes of items waiting (always at
+    least one). `put` re-raises a failure of the worker; leaving the `with` block waits for the queue, or, on an
+    exception, drops what is queued and waits only for the item in progress."""
+
+    def __init__(self, work: Callable[[object], None], budget: int):
+        self._work, self._budget = work, budget
+        self._jobs: queue.Queue = queue.Queue()
+        self._cv, self._held = threading.Condition(), 0
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lorabox-write")
+        self._thread.start()
+
+    def put(self, item, nbytes: int) -> None:
+        with self._cv:
+            while self._held and self._held + nbytes > self._budget and self._error is None:
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+            self._held += nbytes
+        self._jobs.put((item, nbytes))
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            item, n = job
+            if self._error is None and not self._abort:
+                try:
+                    self._work(item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in put / __exit__
+                    self._error = exc
+            with self._cv:
+                self._held -= n
+                self._cv.notify_all()
+
+    def __enter__(self) -> "Behind":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._abort = exc_type is not None
+        self._jobs.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error

@@ -10,7 +10,6 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from ..conversion import load_lora
 from ..errors import OutputError, UnknownArchitecture
 from ..io.files import pread_exact
 from ..io.safetensors import StreamWriter, same_file
+from ..parallel import Behind, prefetch
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
@@ -346,18 +346,16 @@ def _read_in_order(shard: Shard, fd: int, hasher):
         hasher.update(os.pread(fd, tail, pos))
 
 
+READ_AHEAD = WRITE_BEHIND = 192 << 20  # bytes of base tensors read ahead / outputs waiting to be written
+
+
 def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str, scaled: ScaledPlan,
             writer: StreamWriter, report: MergeReport, tick, compute):
-    reader = _read_in_order(shard, fd, hasher)
-    with ThreadPoolExecutor(1) as read_pool, ThreadPoolExecutor(1) as write_pool:
-        pending_read = read_pool.submit(next, reader, None)
-        pending_write = None
-        while True:
-            item = pending_read.result()
-            if item is None:
-                break
-            pending_read = read_pool.submit(next, reader, None)
-            info, t = item
+    """Read ahead, compute, write behind, each on its own thread, with bounded bytes in flight: tensor sizes vary
+    by 1000x, so one-tensor hand-offs left the compute waiting on the disk and the disk on the compute."""
+    reads = prefetch(_read_in_order(shard, fd, hasher), READ_AHEAD, lambda item: item[0].nbytes)
+    with Behind(lambda job: _write(writer, *job, tick), WRITE_BEHIND) as behind:
+        for info, t in reads:
             if info.name in scaled.skip:
                 tick(info.nbytes)
                 continue
@@ -372,11 +370,7 @@ def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str
                 outs = [(info.name, compute.process(info, t, patches, target, rounding))]
             report.tensors += 1
             report.merged += bool(patches)
-            if pending_write is not None:
-                pending_write.result()
-            pending_write = write_pool.submit(_write, writer, outs, info.nbytes, tick)
-        if pending_write is not None:
-            pending_write.result()
+            behind.put((outs, info.nbytes), sum(out.array.nbytes for _, out in outs))
     if scaled.marker:
         from ..quant.fp8 import scaled_fp8_marker
 

@@ -82,8 +82,12 @@ def _cpu_torch():
 
     if importlib.util.find_spec("torch") is None:
         return None
+    import warnings
+
     import torch
 
+    # base tensors are read-only maps of the file; torch only ever reads them
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     return torch
 
 

@@ -18,8 +18,7 @@ import numpy as np
 
 from .. import __version__
 from ..conversion import load_lora
-from ..errors import OutputError, UnknownArchitecture
-from ..io.files import pread_exact
+from ..errors import InputFileError, OutputError, UnknownArchitecture
 from ..io.safetensors import StreamWriter, same_file
 from ..parallel import Behind, prefetch
 from ..tensor import Tensor, storage_dtype
@@ -333,17 +332,28 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
 
 
 def _read_in_order(shard: Shard, fd: int, hasher):
-    """A generator of (info, Tensor) in file order that also hashes every byte of the file."""
-    pos = 0
+    """A generator of (info, Tensor) in file order that also hashes every byte of the file.
+
+    Each tensor is a read-only memory map of its own byte range: the kernel maps page-cache pages instead of
+    copying them into fresh, zero-filled buffers (that copy and those page faults doubled the system time of a
+    24 GB merge). The map is released when the last array over it is gone (once written), so resident memory
+    stays at the tensors in flight."""
+    import mmap
+
+    size, pos = os.fstat(fd).st_size, 0
     for info in shard.tensors:
-        buf = pread_exact(fd, info.offset + info.nbytes - pos, pos, path=shard.path, what=f"tensor {info.name!r}")
-        hasher.update(buf)
-        pos = info.offset + info.nbytes
-        arr = np.frombuffer(buf, dtype=storage_dtype(info.dtype), offset=len(buf) - info.nbytes).reshape(info.shape)
+        end = info.offset + info.nbytes
+        if end > size:
+            raise InputFileError(f"{shard.path}: ends inside tensor {info.name!r}: truncated.", hint="Download it again.")
+        start = pos - pos % mmap.ALLOCATIONGRANULARITY
+        view = memoryview(mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start)) if end > start else b""
+        hasher.update(view[pos - start:])
+        arr = np.frombuffer(view, dtype=storage_dtype(info.dtype), count=int(np.prod(info.shape)),
+                            offset=info.offset - start).reshape(info.shape)
+        pos = end
         yield info, Tensor(arr, info.dtype)
-    tail = os.fstat(fd).st_size - pos
-    if tail > 0:
-        hasher.update(os.pread(fd, tail, pos))
+    if size > pos:
+        hasher.update(os.pread(fd, size - pos, pos))
 
 
 READ_AHEAD = WRITE_BEHIND = 192 << 20  # bytes of base tensors read ahead / outputs waiting to be written

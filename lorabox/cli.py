@@ -5,6 +5,7 @@ shows the traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sys
@@ -53,6 +54,27 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             _fail(exc)
+
+
+@contextlib.contextmanager
+def _byte_bar(desc: str, hidden: bool):
+    """A tqdm bar in bytes for a library call's `progress(done, total)`; it appears once the work reports
+    progress, not while the inputs are being checked."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=hidden, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 arch_option = click.option("--arch", type=click.Choice(architecture_names()), default=None,
@@ -219,27 +241,14 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
       lorabox merge flux1-dev.safetensors --lora style.safetensors --quant Q8_0 -o flux1-dev-style-Q8_0.gguf
       lorabox merge flux1-dev.safetensors --lora style.safetensors --dtype fp8_e4m3fn --fp8-layout comfy_quant -o out.safetensors
     """
-    from tqdm import tqdm
-
     from .merge.engine import merge
 
     specs = [_lora_spec(v, ratio) for v in loras]
     patterns = [_block_ratio(v) for v in block_ratios]
-    bar = None
-
-    def progress(done, total):  # the bar appears once streaming starts, not before the inputs are checked
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=as_json, leave=False)
-        bar.update(done - bar.n)
-
-    try:
+    with _byte_bar("merge", as_json) as progress:
         report = merge(base, specs, output, dtype=dtype, rounding=rounding, quant=quant, block_ratios=patterns,
                        drop_unknown=drop_unknown, arch=arch, overwrite=overwrite, device=device,
                        fp8_layout=fp8_layout, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
         return
@@ -264,25 +273,12 @@ def hash_cmd(files, as_json):
       lorabox hash my_lora.safetensors
       lorabox hash *.safetensors --json
     """
-    from tqdm import tqdm
-
     from .publish.hashes import file_hashes
 
     results = []
     for file in files:
-        bar = None
-
-        def progress(done, total):  # the bar appears once reading starts, not before the file is checked
-            nonlocal bar
-            if bar is None:
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc="hash", disable=as_json, leave=False)
-            bar.update(done - bar.n)
-
-        try:
+        with _byte_bar("hash", as_json) as progress:
             results.append({"file": file, **file_hashes(file, progress=progress)})
-        finally:
-            if bar is not None:
-                bar.close()
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
@@ -335,23 +331,10 @@ def meta_cmd(file, sets, unset, strip_private, from_training, no_fill, output, d
         if info["modelspec_missing"]:
             click.echo(f"  missing ModelSpec keys: {', '.join(info['modelspec_missing'])}")
         return
-    from tqdm import tqdm
-
-    bar = None
-
-    def progress(done, total):  # the bar appears once copying starts, not before the inputs are checked
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="meta", disable=as_json, leave=False)
-        bar.update(done - bar.n)
-
-    try:
+    with _byte_bar("meta", as_json) as progress:
         result = edit_metadata(file, sets=sets, unset=unset, strip=strip_private, from_training=from_training,
                                fill=not no_fill, output=output, overwrite=overwrite, write=not dry_run, arch=arch,
                                progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return

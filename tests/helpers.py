@@ -108,3 +108,14 @@ def lora_of_shapes(arch_name: str, shapes: dict[str, tuple[int, ...]], *, rank=1
             t = {"down": rand(rng, (rank, *inner), dtype), "up": rand(rng, (part_rows, rank, *kernel), dtype)}
             lora.add(Adapter("unet", name, part if parts else None, t, Tensor.scalar(alpha)))
     return lora
+
+
+def assert_one_line_error(proc, *needles):
+    """A CLI failure: non-zero exit, no traceback, one line `lorabox: error: ...` holding every needle."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lorabox: error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

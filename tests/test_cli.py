@@ -8,7 +8,7 @@ import pytest
 from lorabox.conversion import convert
 from lorabox.io.safetensors import write_tensors
 from lorabox.tensor import Tensor
-from tests.helpers import random_lora
+from tests.helpers import assert_one_line_error, random_lora
 
 CLI = [sys.executable, "-m", "lorabox"]
 
@@ -23,16 +23,6 @@ def kohya_file(tmp_path_factory):
     res = convert(random_lora("flux1", every=4), "kohya")
     write_tensors(path, res.tensors, res.metadata)
     return path
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lorabox: error: ")
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def _bad_inputs(tmp):

@@ -47,28 +47,31 @@ def _loras(tmp_path):
 
 
 def _same_outputs(tmp_path, base_path, loras, device, **kw):
-    merge(base_path, loras, tmp_path / "cpu.safetensors", compute=NumpyCompute(), **kw)
-    report = merge(base_path, loras, tmp_path / "dev.safetensors", compute=TorchCompute(device), **kw)
-    assert report.device == device and report.merged > 0
+    """numpy kernels (the reference CPU path), torch's CPU kernels inside the CPU path, and TorchCompute."""
+    merge(base_path, loras, tmp_path / "cpu.safetensors", compute=NumpyCompute(kernels="numpy"), **kw)
     want, want_meta = read_tensors(tmp_path / "cpu.safetensors")
-    got, got_meta = read_tensors(tmp_path / "dev.safetensors")
-    assert got.keys() == want.keys() and got_meta == want_meta
-    changed = 0
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].bits_equal(want[k]), k
-        changed += k.endswith(".weight")
-    assert changed
-    return got
+    for name, compute in (("kernels", NumpyCompute(kernels="torch")), ("dev", TorchCompute(device))):
+        report = merge(base_path, loras, tmp_path / f"{name}.safetensors", compute=compute, **kw)
+        assert report.device == compute.name and report.merged > 0
+        got, got_meta = read_tensors(tmp_path / f"{name}.safetensors")
+        assert got.keys() == want.keys() and got_meta == want_meta
+        changed = 0
+        for k in want:
+            assert got[k].dtype == want[k].dtype and got[k].bits_equal(want[k]), (name, k)
+            changed += k.endswith(".weight")
+        assert changed
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,rounding", [("keep", "nearest"), ("fp16", "nearest"), ("fp32", "nearest"),
+                                            ("bf16", "nearest"),
                                             ("fp8_e4m3fn", "nearest"), ("fp8_e5m2", "nearest"),
                                             ("fp8_e4m3fn", "stochastic")])
-def test_torch_path_equals_numpy_path(tmp_path, device, dtype, rounding):
-    base = flux_base(np.random.default_rng(0), "BF16")
+@pytest.mark.parametrize("base_dtype", ["BF16", "F16"])
+def test_torch_path_equals_numpy_path(tmp_path, device, dtype, rounding, base_dtype):
+    base = flux_base(np.random.default_rng(0), base_dtype)
     big = base["double_blocks.0.img_mlp.0.weight"]
-    base["double_blocks.0.img_mlp.0.weight"] = Tensor(big.array * 0 + 0x7F7F, "BF16")  # saturates fp8 outputs
+    base["double_blocks.0.img_mlp.0.weight"] = Tensor.from_values(big.values() * 0 + 6e4, base_dtype)  # fp8 saturates
     write_tensors(tmp_path / "base.safetensors", base)
     _same_outputs(tmp_path, tmp_path / "base.safetensors", _loras(tmp_path), device, dtype=dtype, rounding=rounding)
 
@@ -90,7 +93,10 @@ def test_numpy_path_does_not_depend_on_its_thread_count(tmp_path):
     path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
     merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "one.safetensors", compute=NumpyCompute(1))
     merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "two.safetensors", compute=NumpyCompute(3))
+    merge(tmp_path / "base.safetensors", [(path, 1.0)], tmp_path / "np.safetensors",
+          compute=NumpyCompute(3, kernels="numpy"))
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "np.safetensors").read_bytes()
 
 
 def test_device_choice():

@@ -23,7 +23,7 @@ from lorabox.publish.hashes import file_hashes, tensor_data_sha256
 from lorabox.publish.meta import edit_metadata, from_training_record, mine_triggers
 from lorabox.publish.privacy import find_private, strip_private
 from lorabox.tensor import Tensor
-from tests.helpers import random_lora
+from tests.helpers import assert_one_line_error, random_lora
 
 FIXTURES = sorted((Path(__file__).resolve().parents[1] / "fixtures").glob("*.safetensors"))
 CLI = [sys.executable, "-m", "lorabox"]
@@ -33,15 +33,6 @@ NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 def run(*args):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
 
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lorabox: error: ")
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def payload(path) -> bytes:

@@ -19,6 +19,7 @@ import numpy as np
 from .. import __version__
 from ..conversion import load_lora
 from ..errors import InputFileError, OutputError, UnknownArchitecture
+from ..io.files import file_sha256
 from ..io.safetensors import StreamWriter, same_file
 from ..parallel import Behind, prefetch
 from ..tensor import Tensor, storage_dtype
@@ -78,14 +79,6 @@ def _load_for(path, base: BaseCheckpoint | None, arch: str | None):
         return load_lora(path, arch=arch)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, float]], output: str | os.PathLike, *,
           dtype: str = "keep", rounding: str = "stochastic", quant: str | None = None,
           block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False,
@@ -135,7 +128,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
         read = [(_load_for(p, base, arch), float(r)) for p, r in loras]
         record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
-                  "loras": [{"file": Path(p).name, "sha256": _sha256(Path(p)), "ratio": float(r)} for p, r in loras],
+                  "loras": [{"file": Path(p).name, "sha256": file_sha256(Path(p)), "ratio": float(r)} for p, r in loras],
                   "block_ratios": [[p, r] for p, r in block_ratios]}
         report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
         total = Path(base_path).stat().st_size if base is None else base.nbytes
@@ -148,7 +141,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
                 progress(done, total)
 
         if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
-            record["base"] = {"file": Path(base_path).name, "sha256": _sha256(Path(base_path))}
+            record["base"] = {"file": Path(base_path).name, "sha256": file_sha256(Path(base_path))}
             kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
                           report=report, tick=tick, process=compute.process)
             if gguf_base:

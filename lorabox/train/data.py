@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..io.files import file_sha256
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -92,7 +93,7 @@ def scan(folder: str | Path, *, trigger: str | None = None, min_side: int = 0) -
             continue
         plain = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
         caption = (f"{trigger}, {plain}" if plain else trigger) if trigger else plain
-        items.append(Item(path, caption, size, _sha256(path), plain))
+        items.append(Item(path, caption, size, file_sha256(path), plain))
     if not items:
         raise DataError(f"{folder}: no usable image: " + "; ".join(f"{n} {why}" for n, why in skipped) + ".",
                         hint="Replace the images listed.")
@@ -104,14 +105,6 @@ def assign_buckets(dataset: Dataset, resolution: int, multiple: int) -> None:
     sizes = bucket_sizes(resolution, multiple)
     for item in dataset.items:
         item.bucket = nearest_bucket(item.size, sizes)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_pixels(item: Item):

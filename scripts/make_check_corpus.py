@@ -94,15 +94,20 @@ def _klein_modules(variant: str) -> list[tuple[str, int, int]]:
             ("double_stream_modulation_img.lin", 6 * h, h), ("single_stream_modulation.lin", 3 * h, h)]
 
 
-def klein_lora(variant: str, seed: int) -> dict[str, Tensor]:
+def _kohya_rank2(modules: list[tuple[str, int, int]], seed: int) -> dict[str, Tensor]:
+    """A rank-2 kohya LoRA (`lora_unet_` + flattened name, bf16, alpha 2) on (module, rows, cols) weights."""
     rng = np.random.default_rng(seed)
     out = {}
-    for module, rows, cols in _klein_modules(variant):
+    for module, rows, cols in modules:
         stem = "lora_unet_" + module.replace(".", "_")
         out[stem + ".lora_down.weight"] = Tensor.from_values(rng.standard_normal((2, cols)) * 0.01, "BF16")
         out[stem + ".lora_up.weight"] = Tensor.from_values(rng.standard_normal((rows, 2)) * 0.01, "BF16")
         out[stem + ".alpha"] = Tensor.scalar(2.0)
     return out
+
+
+def klein_lora(variant: str, seed: int) -> dict[str, Tensor]:
+    return _kohya_rank2(_klein_modules(variant), seed)
 
 
 def klein_base(path: Path, variant: str) -> str:
@@ -123,14 +128,7 @@ def _wan_modules(variant: str) -> list[tuple[str, tuple[int, ...]]]:
 
 def wan_lora(variant: str, seed: int) -> dict[str, Tensor]:
     """A rank-2 LoRA in musubi-tuner's spelling (`lora_unet_blocks_29_self_attn_q`, bf16, alpha tensors)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for module, (rows, cols) in _wan_modules(variant):
-        stem = "lora_unet_" + module.replace(".", "_")
-        out[stem + ".lora_down.weight"] = Tensor.from_values(rng.standard_normal((2, cols)) * 0.01, "BF16")
-        out[stem + ".lora_up.weight"] = Tensor.from_values(rng.standard_normal((rows, 2)) * 0.01, "BF16")
-        out[stem + ".alpha"] = Tensor.scalar(2.0)
-    return out
+    return _kohya_rank2([(m, rows, cols) for m, (rows, cols) in _wan_modules(variant)], seed)
 
 
 def wan_base(path: Path, variant: str) -> str:

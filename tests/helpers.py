@@ -119,3 +119,18 @@ def assert_one_line_error(proc, *needles):
     assert lines[0].startswith("lorabox: error: ")
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def heavy_imports(code: str, modules=("torch", "diffusers", "transformers", "peft", "huggingface_hub")) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported after running `code` (the light commands must not
+    pay torch's 1.5 s import)."""
+    import ast
+    import subprocess
+    import sys
+
+    probe = code + f"\nimport sys as _s\nprint('HEAVY', [m for m in {tuple(modules)!r} if m in _s.modules])"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY ")]
+    assert proc.returncode == 0 and line, proc.stdout + proc.stderr
+    return ast.literal_eval(line[-1][len("HEAVY "):])
+

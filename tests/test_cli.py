@@ -8,7 +8,7 @@ import pytest
 from lorabox.conversion import convert
 from lorabox.io.safetensors import write_tensors
 from lorabox.tensor import Tensor
-from tests.helpers import assert_one_line_error, random_lora
+from tests.helpers import assert_one_line_error, heavy_imports, random_lora
 
 CLI = [sys.executable, "-m", "lorabox"]
 
@@ -130,12 +130,8 @@ def test_inspect_json(kohya_file):
 
 
 def test_help_is_light_and_every_command_has_an_example():
-    code = ("import sys\nfrom lorabox.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert heavy_imports("from lorabox.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+                         ("torch", "diffusers", "transformers", "peft")) == []
     from lorabox.cli import main
 
     for name in main.commands:
@@ -144,12 +140,10 @@ def test_help_is_light_and_every_command_has_an_example():
 
 
 def test_convert_and_inspect_do_not_import_torch(kohya_file, tmp_path):
-    code = ("import sys\nfrom lorabox.conversion import convert_file\nfrom lorabox.summary import inspect_file\n"
+    code = ("from lorabox.conversion import convert_file\nfrom lorabox.summary import inspect_file\n"
             f"inspect_file({str(kohya_file)!r})\n"
-            f"convert_file({str(kohya_file)!r}, 'diffusers', {str(tmp_path / 'x.safetensors')!r})\n"
-            "print('HEAVY', [m for m in ('torch', 'diffusers') if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+            f"convert_file({str(kohya_file)!r}, 'diffusers', {str(tmp_path / 'x.safetensors')!r})")
+    assert heavy_imports(code, ("torch", "diffusers")) == []
 
 
 def test_output_file_mode_follows_umask(tmp_path, kohya_file):

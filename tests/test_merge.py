@@ -451,3 +451,42 @@ def test_disk_full_mid_stream_removes_the_partial_output(tmp_path, monkeypatch):
     assert result.exit_code == 2 and len(calls) == 5
     assert "no space left on the device" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
+
+
+def test_scaled_fp8_output_loads_in_comfyui_scaled_fp8_ops(tmp_path):
+    """The peer itself: ComfyUI's `scaled_fp8_ops` Linear layers load the merged legacy-layout file (strict) and their
+    dequantized weights equal W + 0.7 * delta quantized with amax/max, i.e. what lorabox wrote decodes as intended."""
+    import safetensors.torch
+
+    from tests.oracles.comfy import comfy_available, import_comfy
+
+    if not comfy_available():
+        pytest.fail("the ComfyUI oracle is missing: run scripts/get_oracles.sh")
+    import_comfy()
+    import comfy.ops
+
+    from lorabox.quant.fp8 import dequantize_scaled, quantize_scaled
+
+    base = flux_base(np.random.default_rng(21), "BF16")
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", every=3, alpha=4.0, text_encoders=False)
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, 0.7)], tmp_path / "o.safetensors", dtype="fp8_e4m3fn",
+          rounding="nearest", fp8_layout="legacy")
+    sd = safetensors.torch.load_file(str(tmp_path / "o.safetensors"))
+    marker = sd.pop("scaled_fp8")
+    ops = comfy.ops.scaled_fp8_ops(fp8_matrix_mult=False, scale_input=False, override_dtype=marker.dtype)
+    deltas = effective_deltas(lora)
+    layers = [k[: -len(".weight")] for k in base if base[k].ndim == 2][:6]
+    for layer in layers:
+        rows, cols = base[layer + ".weight"].shape
+        lin = ops.Linear(cols, rows, bias=True)
+        keys = {k[len(layer) + 1:]: v for k, v in sd.items() if k.startswith(layer + ".")}
+        missing, unexpected = lin.load_state_dict(keys, strict=True)
+        assert not missing and not unexpected
+        w = base[layer + ".weight"].values()
+        if ("unet", layer) in deltas:
+            w = w + 0.7 * deltas[("unet", layer)]
+        bits, scale = quantize_scaled(w.astype(np.float32), "F8_E4M3")
+        np.testing.assert_array_equal(lin.convert_weight(lin.weight).detach().float().numpy(),
+                                      dequantize_scaled(bits, "F8_E4M3", scale))

@@ -106,6 +106,31 @@ def test_merge_equals_float64_reference_rounded_once(tmp_path, dtype):
     assert record["loras"][0]["sha256"] == hashlib.sha256(la.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("alpha,ratio", [(2.0, 0.8), (3.0, 0.5), (3.0, 0.7), (4.0, 1.0)])
+def test_scale_and_ratio_multiplies_keep_the_reference_value(tmp_path, alpha, ratio):
+    """ratio * (scale * up@down): one multiply by their product where either is a power of two (rank 4: alpha 2 is
+    scale 0.5), two otherwise; every case equals the reference's two multiplies bit for bit."""
+    from lorabox.merge.math import multipliers
+
+    rank = 4
+    scale = alpha / rank
+    factors = multipliers(scale, ratio)
+    assert len(factors) == (0 if scale == ratio == 1 else 1 if 1.0 in (scale, ratio) or 0.5 in (scale, ratio) else 2)
+    d = np.random.default_rng(4).standard_normal(1 << 16) * 1e-3
+    folded = d.copy()
+    for f in factors:
+        folded *= f
+    assert np.array_equal(folded, (d * scale) * ratio)
+    base = flux_base(np.random.default_rng(5))
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = random_lora("flux1", seed=6, every=2, rank=rank, alpha=alpha, text_encoders=False)
+    path = write_lora(tmp_path / "l.safetensors", lora, "kohya")
+    merge(tmp_path / "base.safetensors", [(path, ratio)], tmp_path / "out.safetensors")
+    out, _ = read_tensors(tmp_path / "out.safetensors")
+    ref = reference(base, [(lora, ratio)], "BF16")
+    assert all(torch.equal(as_torch(out[k]), ref[k]) for k in out if k != "pe_embedder.freqs")
+
+
 def test_merge_into_a_diffusers_folder_matches_the_bfl_merge(tmp_path):
     """Split rows, whole-on-split, slice-on-split and the swapped adaLN halves all land where the BFL merge puts them."""
     rng = np.random.default_rng(3)

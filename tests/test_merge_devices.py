@@ -83,7 +83,15 @@ def test_torch_path_equals_numpy_path_on_a_scaled_fp8_base(tmp_path, device):
     _same_outputs(tmp_path, tmp_path / "base.safetensors", [(lora, 0.7)], device, rounding="nearest")
 
 
-def test_numpy_path_does_not_depend_on_its_thread_count(tmp_path):
+@pytest.mark.parametrize("tile_cols,block_bytes", [(None, None), (1000, 40_000)])
+def test_numpy_path_does_not_depend_on_its_thread_count(tmp_path, monkeypatch, tile_cols, block_bytes):
+    """Also with narrow tiles: 4096 columns in five tiles of 820, a few rows each (the layout 12288-wide weights get)."""
+    import lorabox.merge.compute as compute
+
+    if tile_cols:
+        monkeypatch.setattr(compute, "TILE_COLS", tile_cols)
+        monkeypatch.setattr(compute, "BLOCK_BYTES", block_bytes)
+        assert len({c.start for _, c in compute._tiles(64, 4096)}) == 5
     base = flux_base(np.random.default_rng(2), "F16", n_in=4096)  # several row blocks per weight
     write_tensors(tmp_path / "base.safetensors", base)
     lora = random_lora("flux1", every=4, text_encoders=False)

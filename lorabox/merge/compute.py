@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OutputError
-from ..parallel import cpus, run_chunks
+from ..parallel import BufferPool, cpus, run_chunks
 from ..tensor import Tensor, storage_dtype
-from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude
+from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude, multipliers
 
 FP8 = ("F8_E4M3", "F8_E5M2")
 BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
+TILE_COLS = 4096
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -100,6 +101,7 @@ class NumpyCompute:
 
     def __init__(self, threads: int | None = None, kernels: str = "auto"):
         self.threads = cpus() if threads is None else threads
+        self.buffers = BufferPool()
         self.torch = _cpu_torch() if kernels in ("auto", "torch") else None
         if kernels == "torch" and self.torch is None:
             raise OutputError("the torch CPU kernels need torch.", hint="pip install 'lorabox[torch]'.")
@@ -138,36 +140,77 @@ class NumpyCompute:
     def _rows(self, t: Tensor, patches: list, dtype: str) -> np.ndarray:
         rows = t.shape[0]
         step = max(1, BLOCK_BYTES // max(1, int(np.prod(t.shape[1:])) * 8))
-        out = np.empty(t.shape, dtype=storage_dtype(dtype))
+        out = self.buffers.empty(t.shape, storage_dtype(dtype))
         cache = DeltaCache()
         for p in patches:  # decode shared factors once, before the blocks run in parallel
             cache.warm(p.adapter)
         p = patches[0]
-        simple = len(patches) == 1 and p.row_map is None and magnitude(p.adapter) is None
+        a = p.adapter
+        simple = (len(patches) == 1 and p.row_map is None and magnitude(a) is None and a.kind == "lora"
+                  and "mid" not in a.tensors and "diff" not in a.tensors)
         torch = self.torch if t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS else None
+        if simple and torch is not None:
+            tiles = _tiles(rows, int(np.prod(t.shape[1:])))
+            run_chunks(self._lora_tile(t, a, p.ratio, cache, out, dtype), tiles, self.threads)
+            return out
+        if simple:
+            block = self._lora_blocks_numpy(t, a, p.ratio, cache, out, dtype, step)
+        else:
+            def block(r0: int) -> None:
+                rs = slice(r0, min(rows, r0 + step))
+                out[rs] = self._round(apply_weight_block(t[rs].values(), rs, patches, cache), dtype)
+
+        run_chunks(block, range(0, rows, step), self.threads)
+        return out
+
+    def _lora_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, dtype: str):
+        """One LoRA on a whole weight, on torch's CPU kernels, by (rows, columns) tile: up@down into float64 (BLAS),
+        the ratio*scale multiplies, W added, and torch's rounding written straight into the output."""
+        torch = self.torch
+        rows = t.shape[0]
+        down = torch.from_numpy(cache.down(a))
+        up = a.tensors["up"].reshape(rows, -1)
+        factors = multipliers(a.scale, ratio)
+        w_all = _to_torch(torch, t).reshape(rows, -1)
+        out_all = _to_torch(torch, Tensor(out, dtype)).reshape(rows, -1)
+
+        def tile(rc: tuple[slice, slice]) -> None:
+            rs, cs = rc
+            d = torch.mm(torch.from_numpy(up[rs].values()), down[:, cs])
+            for f in factors:
+                d *= f
+            w = w_all[rs, cs]
+            d += w.float() if w.dtype == torch.float16 else w  # torch has no vectorised float16 -> float64 cast
+            out_all[rs, cs] = d  # float64 -> float32 -> dtype, as .to(dtype) rounds
+
+        return tile
+
+    def _lora_blocks_numpy(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, dtype: str,
+                           step: int):
+        """The same on numpy alone: W + delta in float64, rounded to float32, then to `dtype`."""
+        rows = t.shape[0]
 
         def block(r0: int) -> None:
             rs = slice(r0, min(rows, r0 + step))
             w = t[rs]
-            if not simple:
-                out[rs] = self._round(apply_weight_block(w.values(), rs, patches, cache), dtype)
-                return
-            # one LoRA on the whole weight: W + delta in float64, rounded once
-            d = delta_rows(p.adapter, rs, cache, p.ratio)
-            if d is None:
-                d = np.zeros(w.shape)
-            if torch is not None:  # two vectorised passes: W added into the delta, then torch's own rounding
-                total = torch.from_numpy(d.reshape(w.shape))
-                total += _to_torch(torch, w)
-                out[rs] = _from_torch(torch, total.to(_torch_dtype(torch, dtype)), dtype)
-                return
+            d = delta_rows(a, rs, cache, ratio)
             src = w.array if w.dtype in ("F32", "F64") else w.values32()  # exact for every float
             sum32 = np.add(src, d.reshape(src.shape), out=np.empty(src.shape, np.float32), casting="unsafe",
                            dtype=np.float64)
             out[rs] = from_float32(sum32, dtype)
 
-        run_chunks(block, range(0, rows, step), self.threads)
-        return out
+        return block
+
+
+def _tiles(rows: int, cols: int) -> list[tuple[slice, slice]]:
+    """Cache-sized float64 tiles of a rows x cols product, at most TILE_COLS wide: each BLAS call packs the
+    `down` columns it needs, so one call per row block of a 12288-wide weight packed 6 MB for 21 rows (measured:
+    tiles of 3072 columns take 4.7 ns per element instead of 5.8 there, and change nothing for narrower ones)."""
+    n_cols = -(-cols // TILE_COLS)
+    width = -(-cols // n_cols)
+    step = max(1, BLOCK_BYTES // (width * 8))
+    return [(slice(r, min(rows, r + step)), slice(c, min(cols, c + width)))
+            for r in range(0, rows, step) for c in range(0, cols, width)]
 
 
 TORCH_FLOATS = ("BF16", "F16", "F32", "F64")

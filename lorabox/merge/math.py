@@ -7,6 +7,8 @@ scaled by the ratio. Everything is row-local, so processing a weight in row bloc
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import ShapeMismatch
@@ -51,15 +53,29 @@ def delta_rows(a: Adapter, idx: np.ndarray | slice, cache: DeltaCache, ratio: fl
         n = up.shape[0]
         d = (up.reshape(n, -1) @ cache.down(a)).reshape(n, *t["down"].shape[1:])
         # in the order of the definition, ratio * (scale * up@down + diff), so the float64 value is the same
-        if a.scale != 1.0:
-            d *= a.scale
         if "diff" in t:
+            if a.scale != 1.0:
+                d *= a.scale
             d += t["diff"][idx].values().reshape(d.shape)
-        if ratio != 1.0:
-            d *= ratio
+            if ratio != 1.0:
+                d *= ratio
+            return d
+        for f in multipliers(a.scale, ratio):
+            d *= f
         return d
     full = cache.full(a)
     return None if full is None else ratio * full[idx]
+
+
+def multipliers(scale: float, ratio: float) -> tuple[float, ...]:
+    """The factors that take up@down to ratio * (scale * up@down), in float64 multiplies in this order. That is two
+    roundings; when either factor is a power of two (alpha = rank, alpha = 1 with a power-of-two rank, ratio 1 or
+    0.5) their product is exact and one multiply rounds to the same value (binary scaling commutes with rounding,
+    away from float64's subnormals), so one pass over the delta is saved."""
+    fs = tuple(f for f in (scale, ratio) if f != 1.0)
+    if len(fs) == 2 and (math.frexp(scale)[0] == 0.5 or math.frexp(ratio)[0] == 0.5):
+        return (scale * ratio,)
+    return fs
 
 
 def magnitude(a: Adapter) -> np.ndarray | None:

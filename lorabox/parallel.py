@@ -19,17 +19,22 @@ def cpus() -> int:
     return os.cpu_count() or 1
 
 
-def run_chunks(work: Callable[[int], None], starts: Iterable[int], threads: int | None = None) -> None:
-    """Call `work(start)` for every start, on up to `threads` threads (default: `cpus()`); re-raises the first
-    error. The caller's `work` writes disjoint parts of a shared output."""
+def run_chunks(work: Callable[[int], None], starts: Iterable[int], threads: int | None = None,
+               pool: ThreadPoolExecutor | None = None) -> None:
+    """Call `work(start)` for every start, on up to `threads` threads (default: `cpus()`), or on `pool`'s threads
+    when given; re-raises the first error. The caller's `work` writes disjoint parts of a shared output."""
     starts = list(starts)
     threads = cpus() if threads is None else threads
     if threads <= 1 or len(starts) <= 1:
         for s in starts:
             work(s)
         return
-    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+    if pool is not None:
         for _ in pool.map(work, starts):
+            pass
+        return
+    with ThreadPoolExecutor(min(threads, len(starts))) as own:
+        for _ in own.map(work, starts):
             pass
 
 

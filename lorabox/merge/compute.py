@@ -102,15 +102,19 @@ class NumpyCompute:
     def __init__(self, threads: int | None = None, kernels: str = "auto"):
         self.threads = cpus() if threads is None else threads
         self.buffers = BufferPool()
+        self.pool = None  # worker threads, during a session
         self.torch = _cpu_torch() if kernels in ("auto", "torch") else None
         if kernels == "torch" and self.torch is None:
             raise OutputError("the torch CPU kernels need torch.", hint="pip install 'lorabox[torch]'.")
 
     def session(self):
-        """Around a whole merge: BLAS (and torch) run one thread per row-block worker. Row blocks are already
-        spread over the cores; OpenBLAS's own threads on top oversubscribe the CPUs, and its spinning threads then
-        run the products 6-10x slower on a busy 2-core machine (measured: 2.2 s instead of 0.33 s of CPU for one
-        3072x12288 rank-64 weight)."""
+        """Around a whole merge: one worker thread per CPU, kept for the merge, each running BLAS (OpenBLAS, and
+        torch's MKL) on one thread. Tiles are already spread over the cores; BLAS threads on top oversubscribe them,
+        and their spinning runs the products several times slower on a busy 2-core machine (measured: 2.2 s instead
+        of 0.33 s of CPU for one 3072x12288 rank-64 weight with OpenBLAS; 6.1 instead of 4.1 CPU-s for 300 SDXL
+        weights with MKL, whose OpenMP thread count is set per thread, so each worker sets its own)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from threadpoolctl import threadpool_limits
 
         stack = contextlib.ExitStack()
@@ -118,6 +122,12 @@ class NumpyCompute:
         if self.torch is not None:
             stack.callback(self.torch.set_num_threads, self.torch.get_num_threads())
             self.torch.set_num_threads(1)
+        if self.threads > 1:
+            torch = self.torch
+            self.pool = stack.enter_context(ThreadPoolExecutor(
+                self.threads, thread_name_prefix="lorabox-compute",
+                initializer=None if torch is None else lambda: torch.set_num_threads(1)))
+            stack.callback(setattr, self, "pool", None)
         return stack
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
@@ -151,7 +161,7 @@ class NumpyCompute:
         torch = self.torch if t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS else None
         if simple and torch is not None:
             tiles = _tiles(rows, int(np.prod(t.shape[1:])))
-            run_chunks(self._lora_tile(t, a, p.ratio, cache, out, dtype), tiles, self.threads)
+            run_chunks(self._lora_tile(t, a, p.ratio, cache, out, dtype), tiles, self.threads, self.pool)
             return out
         if simple:
             block = self._lora_blocks_numpy(t, a, p.ratio, cache, out, dtype, step)
@@ -160,7 +170,7 @@ class NumpyCompute:
                 rs = slice(r0, min(rows, r0 + step))
                 out[rs] = self._round(apply_weight_block(t[rs].values(), rs, patches, cache), dtype)
 
-        run_chunks(block, range(0, rows, step), self.threads)
+        run_chunks(block, range(0, rows, step), self.threads, self.pool)
         return out
 
     def _lora_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, dtype: str):

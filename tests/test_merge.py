@@ -1,5 +1,6 @@
 """Merge: exact against a float64 reference rounded by torch; both base layouts; errors leave nothing behind."""
 import json
+import os
 import subprocess
 import sys
 
@@ -515,3 +516,20 @@ def test_scaled_fp8_output_loads_in_comfyui_scaled_fp8_ops(tmp_path):
         bits, scale = quantize_scaled(w.astype(np.float32), "F8_E4M3")
         np.testing.assert_array_equal(lin.convert_weight(lin.weight).detach().float().numpy(),
                                       dequantize_scaled(bits, "F8_E4M3", scale))
+
+
+def test_early_writeback_leaves_the_bytes_unchanged(tmp_path, monkeypatch):
+    """The writer starts writeback every WRITEBACK bytes (posix_fadvise); at 4 KB it runs many times per merge."""
+    from lorabox.io.safetensors import StreamWriter
+
+    base = flux_base(np.random.default_rng(7))
+    write_tensors(tmp_path / "base.safetensors", base)
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=8, every=2, text_encoders=False), "kohya")
+    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "once.safetensors")
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(StreamWriter, "WRITEBACK", 4096)
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: (calls.append(a[1:3]), real(*a))[1])
+    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "often.safetensors")
+    assert len(calls) > 10 and all(n > 0 for _, n in calls)
+    assert (tmp_path / "once.safetensors").read_bytes() == (tmp_path / "often.safetensors").read_bytes()

@@ -227,6 +227,7 @@ class StreamWriter(AtomicWriter):
         self._f.write(struct.pack("<Q", len(raw)))
         self._f.write(raw)
         self._next = 0
+        self._synced = self._synced_before = 0  # see _flush_behind
 
     def write(self, name: str, t: Tensor) -> None:
         want_name, dtype, shape, n = self._expect[self._next]
@@ -234,6 +235,23 @@ class StreamWriter(AtomicWriter):
             raise ValueError(f"stream writer: expected {want_name} {dtype} {list(shape)}, got {name} {t.dtype} {list(t.shape)}")
         self._f.write(np.ascontiguousarray(t.array).data)
         self._next += 1
+        self._flush_behind()
+
+    WRITEBACK = 64 << 20
+
+    def _flush_behind(self) -> None:
+        """Start writing back each 64 MB as soon as it is complete: POSIX_FADV_DONTNEED on Linux submits the dirty
+        pages of the range for writeback, and drops those already clean. Without it the kernel waits until a tenth
+        of RAM is dirty, and the fsync at the end then waits for gigabytes (2.4 s of a 5 GB SDXL merge); the output
+        also stays out of the page cache, where it would push out the base being read."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        pos = self._f.tell()
+        if pos - self._synced < self.WRITEBACK:
+            return
+        self._f.flush()
+        os.posix_fadvise(self._f.fileno(), self._synced_before, pos - self._synced_before, os.POSIX_FADV_DONTNEED)
+        self._synced_before, self._synced = self._synced, pos
 
     def fill(self, placeholder: str, value: str) -> None:
         """Replace a metadata placeholder (same length) in the header already written."""

@@ -1,6 +1,6 @@
 """Base checkpoints as a stream of tensors: one safetensors file, or a diffusers model folder (sharded, with an
-index). The engine reads tensors one at a time in file order with preadv into fresh buffers (no mmap, so resident
-memory stays at a few tensors whatever the checkpoint size)."""
+index). The engine reads tensors one at a time in file order, each a read-only memory map of its own byte range
+released once written, so resident memory stays at the tensors in flight whatever the checkpoint size."""
 from __future__ import annotations
 
 import json

@@ -93,9 +93,12 @@ def _cpu_torch():
 
 
 class NumpyCompute:
-    """The CPU path: float64 row blocks of about BLOCK_BYTES, spread over the CPUs this process may use. Products
-    are numpy/BLAS; the elementwise tail (W + delta, then the rounding) runs on torch's CPU kernels when torch is
-    installed (`kernels="auto"`), else on numpy: the bytes are the same either way (tested)."""
+    """The CPU path: float64 tiles of about BLOCK_BYTES, spread over the CPUs this process may use. With torch
+    installed (`kernels="auto"`) a single LoRA on a whole weight (the common case) runs on torch's CPU kernels: the
+    products on its BLAS (MKL), the elementwise tail (W + delta, then the rounding) on its vectorised casts, written
+    straight into the output. Everything else, and every tensor of a core install, runs on numpy. The bytes are the
+    same either way (tested): products of bf16/fp16 factors are exact in float64, and so are their sums unless the
+    factors span more than about 2^30, so the BLAS's summation order does not show in the rounded output."""
 
     name = "cpu"
 

@@ -69,7 +69,7 @@ def delta_rows(a: Adapter, idx: np.ndarray | slice, cache: DeltaCache, ratio: fl
 
 def multipliers(scale: float, ratio: float) -> tuple[float, ...]:
     """The factors that take up@down to ratio * (scale * up@down), in float64 multiplies in this order. That is two
-    roundings; when either factor is a power of two (alpha = rank, alpha = 1 with a power-of-two rank, ratio 1 or
+    roundings; when either factor is a power of two (alpha = rank / 2, alpha = 1 with a power-of-two rank, ratio
     0.5) their product is exact and one multiply rounds to the same value (binary scaling commutes with rounding,
     away from float64's subnormals), so one pass over the delta is saved."""
     fs = tuple(f for f in (scale, ratio) if f != 1.0)

@@ -295,10 +295,13 @@ class TorchCompute:
             up, down = self._dev(ts["up"]), self._dev(ts["down"])
             d = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(up.shape[0],
                                                                                         *down.shape[1:])
+            if "diff" not in ts:  # the CPU path's multiplies, so the float64 values are the same
+                for f in multipliers(a.scale, ratio):
+                    d *= f
+                return d
             if a.scale != 1.0:
                 d *= a.scale
-            if "diff" in ts:
-                d += self._dev(ts["diff"]).reshape(d.shape)
+            d += self._dev(ts["diff"]).reshape(d.shape)
             if ratio != 1.0:
                 d *= ratio
             return d

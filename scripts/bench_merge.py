@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,13 +138,17 @@ def write_diffusers_folder(folder: Path) -> None:
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS GiB) of a command, from GNU time."""
+    """(seconds, peak RSS GiB) of a command: the child's own rusage (os.wait4), so no GNU time is needed."""
     t = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-2000:])
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 2**20
-    return time.perf_counter() - t, rss
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(err.read().decode(errors="replace")[-2000:])
+    return seconds, usage.ru_maxrss / 2**20
 
 
 def main():
@@ -154,6 +159,8 @@ def main():
     ap.add_argument("--peer", action="store_true", help="also run diffusers' and sd-mecha's merges (SDXL only)")
     ap.add_argument("--subset", metavar="REGEX", help="keep only the checkpoint keys this regex finds (a quick run)")
     ap.add_argument("--check", action="store_true", help="with --peer: compare sd-mecha's merge with lorabox's")
+    ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
+                    "(the default: CUDA when present), cpu, cuda")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -173,9 +180,11 @@ def main():
     t_copy, rss_copy = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
     copy.unlink()
     print(f"plain copy (cp + sync): {t_copy:.1f} s")
-    t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
-                        "--overwrite", "--json"])
-    print(f"lorabox merge: {t_merge:.1f} s, peak RSS {rss:.2f} GiB, ratio to copy {t_merge / t_copy:.2f}")
+    for device in args.device or ["auto"]:
+        t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
+                            "--overwrite", "--json", "--device", device])
+        print(f"lorabox merge (--device {device}): {t_merge:.1f} s, peak RSS {rss:.2f} GiB, "
+              f"ratio to copy {t_merge / t_copy:.2f}")
     if not args.check:
         out.unlink()
     if args.peer and args.model == "sdxl":

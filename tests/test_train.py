@@ -131,6 +131,23 @@ def test_min_snr_gamma_weights():
     torch.testing.assert_close(d.weight, clipped / snr)
 
 
+@pytest.mark.parametrize("kind", ["flow", "epsilon"])
+def test_timesteps_are_drawn_from_the_generator_wherever_the_batch_is(kind):
+    """The trainer's generator is a CPU one, so a run draws the same timesteps on every device. A batch on another
+    device (meta here, CUDA on a GPU, where drawing on the batch's device raised) still draws from it: the
+    generator advances exactly as it does for a CPU batch."""
+    abar = obj.alphas_cumprod(dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+    objective = obj.Objective(kind, alphas_cumprod=abar)
+    after = {}
+    for device in ("cpu", "meta"):
+        x0 = torch.zeros(3, 4, 2, 2, device=device)
+        g = torch.Generator("cpu").manual_seed(7)
+        d = obj.draw(objective, x0, torch.ones_like(x0), seq_len=4, generator=g)
+        assert d.timestep.device.type == device and d.noisy.device.type == device
+        after[device] = torch.rand(4, generator=g)
+    assert torch.equal(after["cpu"], after["meta"])
+
+
 def test_an_objective_the_base_was_not_trained_with_is_refused():
     with pytest.raises(ObjectiveMismatch, match=r"trained with the flow objective .*FlowMatchEulerDiscreteScheduler"):
         obj.check_objective("epsilon", "flow", base="b", scheduler_class="FlowMatchEulerDiscreteScheduler")

@@ -193,18 +193,21 @@ def draw(obj: Objective, x0: torch.Tensor, noise: torch.Tensor, *, timestep: tor
     """Noise x0 at a random timestep (or the given one: s for flow, integer t for DDPM) and give the target."""
     n = x0.shape[0]
     ones = torch.ones(n, device=x0.device)
+    # timesteps are drawn where the generator lives (the trainer's is a CPU one, so a run draws the same timesteps
+    # on every device), then moved to the batch
+    where = generator.device if generator is not None else x0.device
     if obj.kind == FLOW:
         sigma = timestep
         if sigma is None:
             u = sample_u(n, obj.sampling, logit_mean=obj.logit_mean, logit_std=obj.logit_std,
-                         mode_scale=obj.mode_scale, generator=generator, device=x0.device)
+                         mode_scale=obj.mode_scale, generator=generator, device=where)
             sigma = flow_sigmas(u, obj, seq_len)
         sigma = sigma.to(x0.device, torch.float32)
         return Draw(flow_noisy(x0, noise, sigma), flow_target(x0, noise), sigma, ones)
     abar_all = obj.alphas_cumprod.to(x0.device)
     t = timestep
     if t is None:
-        t = torch.randint(0, len(abar_all), (n,), device=x0.device, generator=generator)
+        t = torch.randint(0, len(abar_all), (n,), device=where, generator=generator)
     t = t.to(x0.device)
     abar = abar_all[t].to(x0.dtype)
     target = noise if obj.kind == EPSILON else v_target(x0, noise, abar)

@@ -53,13 +53,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress=None) -> TrainResu
     Example:
         >>> train(TrainConfig(data="photos/", base="FLUX.1-dev/", output="out/", trigger="sks"))
     """
-    threads = torch.get_num_threads()
+    threads, cudnn_attention = torch.get_num_threads(), torch.backends.cuda.cudnn_sdp_enabled()
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)  # tiny models on a busy CPU: more threads only spin against each other
+    # cuDNN's attention backward (torch's default SDPA backend on Hopper since 2.11) returns NaN gradients or
+    # faults on some shapes when a mask is passed (pytorch/pytorch#196678; measured here on an H100 with torch
+    # 2.11 + cuDNN 9.19: NaN LoRA weights after the first step of a bf16 FLUX run). Flash and memory-efficient
+    # attention, the next backends in torch's order, give finite gradients on the same run.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         return _train(cfg, resume=resume, progress=progress)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
 
 def _train(cfg: TrainConfig, *, resume: bool, progress) -> TrainResult:

@@ -185,6 +185,8 @@ def main():
                             "--overwrite", "--json", "--device", device])
         print(f"lorabox merge (--device {device}): {t_merge:.1f} s, peak RSS {rss:.2f} GiB, "
               f"ratio to copy {t_merge / t_copy:.2f}")
+        if device != (args.device or ["auto"])[-1]:
+            out.unlink()  # room for the next device's output
     if not args.check:
         out.unlink()
     if args.peer and args.model == "sdxl":

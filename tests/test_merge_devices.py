@@ -9,7 +9,7 @@ import torch
 
 from lorabox.io.safetensors import read_tensors, write_tensors
 from lorabox.lora import Adapter
-from lorabox.merge.compute import NumpyCompute, TorchCompute, TorchLoader, make_compute
+from lorabox.merge.compute import NumpyCompute, TorchCompute, make_compute
 from lorabox.merge.engine import merge
 from lorabox.tensor import Tensor
 from tests.helpers import rand, random_lora
@@ -105,47 +105,6 @@ def test_numpy_path_does_not_depend_on_its_thread_count(tmp_path, monkeypatch, t
           compute=NumpyCompute(3, kernels="numpy"))
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "np.safetensors").read_bytes()
-
-
-class _Late(TorchLoader):
-    """A TorchLoader that is not ready for its first `calls` looks, as while torch imports on its thread."""
-
-    def __init__(self, device, calls):
-        super().__init__(device)
-        self.calls, self.looks = calls, 0
-
-    def ready(self):
-        self.looks += 1
-        return super().ready() if self.looks > self.calls else None
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_tensors_merged_while_torch_loads_have_the_same_bytes(tmp_path, device):
-    """Until torch (and its device) is ready the merge computes on the numpy path; the file is the same as a merge
-    that waited, and both paths really ran."""
-    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(4), "BF16"))
-    loras = _loras(tmp_path)
-    merge(tmp_path / "base.safetensors", loras, tmp_path / "want.safetensors", compute=NumpyCompute(kernels="numpy"))
-    cpu = NumpyCompute()
-    cpu._loader = _Late(None, calls=6)
-    dev = TorchCompute(device)
-    dev._loader = _Late(device, calls=3)
-    for name, compute, loader in (("cpu", cpu, cpu._loader), ("dev", dev, dev._loader)):
-        report = merge(tmp_path / "base.safetensors", loras, tmp_path / f"{name}.safetensors", compute=compute)
-        assert report.device == compute.name == (device if name == "dev" else "cpu")
-        assert loader.looks > loader.calls + 2  # some tensors before it was ready, several after
-        assert (tmp_path / f"{name}.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
-
-
-def test_auto_without_a_cuda_device_merges_on_the_cpu(tmp_path):
-    """`--device auto` where a driver is there but torch sees no device: the CPU path, reported as such."""
-    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(5), "BF16"))
-    loras = _loras(tmp_path)[:1]
-    compute = TorchCompute("cuda:99", optional=True, background=True)  # no machine has a 100th GPU
-    report = merge(tmp_path / "base.safetensors", loras, tmp_path / "auto.safetensors", compute=compute)
-    merge(tmp_path / "base.safetensors", loras, tmp_path / "cpu.safetensors", compute=NumpyCompute(kernels="numpy"))
-    assert report.device == "cpu" and report.merged > 0
-    assert (tmp_path / "auto.safetensors").read_bytes() == (tmp_path / "cpu.safetensors").read_bytes()
 
 
 def test_device_choice():

@@ -8,7 +8,6 @@ against which the torch path is checked byte for byte (run on torch's CPU device
 from __future__ import annotations
 
 import contextlib
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +21,21 @@ FP8 = ("F8_E4M3", "F8_E5M2")
 BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
 TILE_COLS = 4096
 DEVICES = ("auto", "cpu", "cuda")
-_THREAD = threading.local()  # per thread: the session whose BLAS thread count it has set
 
 
 def make_compute(device: str = "auto"):
     """`auto`: CUDA when an NVIDIA driver and a CUDA build of torch are present, else the CPU. `cuda` (or
-    `cuda:N`) requires them, and says so before the merge starts. torch loads on a background thread
-    (`TorchLoader`): 1.1 s for a CPU build on the 2-core machine, 3.4-4 s for a CUDA build and its context on the
-    H100 one, time in which the merge already reads, hashes and computes on numpy (the same bytes)."""
-    import importlib.util
-
+    `cuda:N`) requires them. torch is imported only when a GPU may be there (it costs 1.5 s to import)."""
     if device == "cpu":
-        return NumpyCompute(background=True)
+        return NumpyCompute()
     if device == "auto":
-        if not Path("/proc/driver/nvidia").exists() or importlib.util.find_spec("torch") is None:
-            return NumpyCompute(background=True)
-        return TorchCompute("cuda", optional=True, background=True)
+        if not Path("/proc/driver/nvidia").exists():
+            return NumpyCompute()
+        try:
+            import torch
+        except ImportError:
+            return NumpyCompute()
+        return TorchCompute("cuda") if torch.cuda.is_available() else NumpyCompute()
     if not device.startswith("cuda"):
         raise OutputError(f"unknown --device {device!r}.", hint="Use auto, cpu or cuda.")
     try:
@@ -47,54 +45,7 @@ def make_compute(device: str = "auto"):
                                                             "torch, or use --device cpu.") from None
     if not torch.cuda.is_available():
         raise OutputError("--device cuda: torch sees no CUDA device.", hint="Use --device cpu (same result).")
-    return TorchCompute(device, background=True)
-
-
-class TorchLoader:
-    """torch, imported (and its CUDA device initialised) on a background thread when `background`, else now.
-
-    `ready()` never blocks: None until torch is there, so the callers run their numpy twin meanwhile. With
-    `optional`, a CUDA device torch does not see (or a torch that fails to import) leaves it None for good;
-    otherwise the failure is raised by `ready()`/`get()`."""
-
-    def __init__(self, device: str | None = None, *, optional: bool = False, background: bool = False):
-        self.device, self.optional = device, optional
-        self._torch = self._error = None
-        self._done = threading.Event()
-        if background:
-            threading.Thread(target=self._load, daemon=True, name="lorabox-torch").start()
-        else:
-            self._load()
-
-    def _load(self) -> None:
-        try:
-            import warnings
-
-            import torch
-
-            # base tensors are read-only maps of the file; torch only ever reads them
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            if self.device and self.device.startswith("cuda"):
-                if not torch.cuda.is_available():
-                    raise OutputError("--device cuda: torch sees no CUDA device.", hint="Use --device cpu (same result).")
-                torch.empty(1, device=self.device)  # the context: most of the start-up time on a GPU
-            self._torch = torch
-        except Exception as exc:  # noqa: BLE001 - handed to the caller, or the numpy path stays
-            if not self.optional:
-                self._error = exc
-        finally:
-            self._done.set()
-
-    def ready(self):
-        if not self._done.is_set():
-            return None
-        if self._error is not None:
-            raise self._error
-        return self._torch
-
-    def get(self):
-        self._done.wait()
-        return self.ready()
+    return TorchCompute(device)
 
 
 def from_float32(f32: np.ndarray, dtype: str) -> np.ndarray:
@@ -125,12 +76,20 @@ def round_fp8_merged(name: str, f32: np.ndarray, dtype: str, rounding: str, patc
                   dtype)
 
 
-def _cpu_torch(background: bool) -> TorchLoader | None:
-    """torch for the CPU path's kernels when it is installed (its BLAS, and its vectorised float16/bfloat16 casts,
-    5-18x faster than numpy's here and the reference rounding); None otherwise."""
+def _cpu_torch():
+    """torch for the CPU path's elementwise kernels when it is installed (its vectorised float16/bfloat16 casts
+    are 5-18x faster than numpy's here, and they are the reference rounding); None otherwise."""
     import importlib.util
 
-    return None if importlib.util.find_spec("torch") is None else TorchLoader(optional=True, background=background)
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import warnings
+
+    import torch
+
+    # base tensors are read-only maps of the file; torch only ever reads them
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    return torch
 
 
 class NumpyCompute:
@@ -143,14 +102,12 @@ class NumpyCompute:
 
     name = "cpu"
 
-    def __init__(self, threads: int | None = None, kernels: str = "auto", background: bool = False):
-        """kernels: auto (torch when installed, numpy until its background import is done), torch, or numpy."""
+    def __init__(self, threads: int | None = None, kernels: str = "auto"):
         self.threads = cpus() if threads is None else threads
         self.buffers = BufferPool()
         self.pool = None  # worker threads, during a session
-        self._session = None  # a token per session: each thread sets its BLAS threads once per session
-        self._loader = _cpu_torch(background) if kernels in ("auto", "torch") else None
-        if kernels == "torch" and (self._loader is None or self._loader.get() is None):
+        self.torch = _cpu_torch() if kernels in ("auto", "torch") else None
+        if kernels == "torch" and self.torch is None:
             raise OutputError("the torch CPU kernels need torch.", hint="pip install 'lorabox[torch]'.")
 
     def session(self):
@@ -165,31 +122,16 @@ class NumpyCompute:
 
         stack = contextlib.ExitStack()
         stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
-        self._session, self._main_threads = object(), None
-        stack.callback(self._end_session)
+        if self.torch is not None:
+            stack.callback(self.torch.set_num_threads, self.torch.get_num_threads())
+            self.torch.set_num_threads(1)
         if self.threads > 1:
-            self.pool = stack.enter_context(ThreadPoolExecutor(self.threads, thread_name_prefix="lorabox-compute"))
+            torch = self.torch
+            self.pool = stack.enter_context(ThreadPoolExecutor(
+                self.threads, thread_name_prefix="lorabox-compute",
+                initializer=None if torch is None else lambda: torch.set_num_threads(1)))
             stack.callback(setattr, self, "pool", None)
         return stack
-
-    def _end_session(self) -> None:
-        if self._loader is not None:
-            torch = self._loader.get()  # a merge shorter than torch's import: let the import finish before exit
-            if torch is not None and self._main_threads is not None:
-                torch.set_num_threads(self._main_threads)
-        self._session = None
-
-    def kernels(self):
-        """torch for the kernels, or None (not installed, or still loading: numpy runs meanwhile). Within a session,
-        each thread's first use sets its torch/MKL threads to one (see `session`)."""
-        torch = self._loader.ready() if self._loader is not None else None
-        if torch is None or self._session is None or getattr(_THREAD, "session", None) is self._session:
-            return torch
-        if threading.current_thread() is threading.main_thread():
-            self._main_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        _THREAD.session = self._session
-        return torch
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
         if dtype in FP8:
@@ -203,9 +145,9 @@ class NumpyCompute:
 
     def _round(self, w64: np.ndarray, dtype: str) -> np.ndarray:
         """float64 -> dtype as torch's `.to(dtype)` rounds (through float32)."""
-        torch = self.kernels() if dtype in TORCH_FLOATS else None
-        if torch is None:
+        if self.torch is None or dtype not in TORCH_FLOATS:
             return round_to(w64, dtype).array
+        torch = self.torch
         return _from_torch(torch, torch.from_numpy(np.ascontiguousarray(w64)).to(_torch_dtype(torch, dtype)), dtype)
 
     def _rows(self, t: Tensor, patches: list, dtype: str) -> np.ndarray:
@@ -219,10 +161,10 @@ class NumpyCompute:
         a = p.adapter
         simple = (len(patches) == 1 and p.row_map is None and magnitude(a) is None and a.kind == "lora"
                   and "mid" not in a.tensors and "diff" not in a.tensors)
-        torch = self.kernels() if t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS else None
+        torch = self.torch if t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS else None
         if simple and torch is not None:
             tiles = _tiles(rows, int(np.prod(t.shape[1:])))
-            run_chunks(self._lora_tile(torch, t, a, p.ratio, cache, out, dtype), tiles, self.threads, self.pool)
+            run_chunks(self._lora_tile(t, a, p.ratio, cache, out, dtype), tiles, self.threads, self.pool)
             return out
         if simple:
             block = self._lora_blocks_numpy(t, a, p.ratio, cache, out, dtype, step)
@@ -234,9 +176,10 @@ class NumpyCompute:
         run_chunks(block, range(0, rows, step), self.threads, self.pool)
         return out
 
-    def _lora_tile(self, torch, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, dtype: str):
+    def _lora_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, dtype: str):
         """One LoRA on a whole weight, on torch's CPU kernels, by (rows, columns) tile: up@down into float64 (BLAS),
         the ratio*scale multiplies, W added, and torch's rounding written straight into the output."""
+        torch = self.torch
         rows = t.shape[0]
         down = torch.from_numpy(cache.down(a))
         up = a.tensors["up"].reshape(rows, -1)
@@ -245,7 +188,6 @@ class NumpyCompute:
         out_all = _to_torch(torch, Tensor(out, dtype)).reshape(rows, -1)
 
         def tile(rc: tuple[slice, slice]) -> None:
-            self.kernels()  # this worker's BLAS threads, set once per session
             rs, cs = rc
             d = torch.mm(torch.from_numpy(up[rs].values()), down[:, cs])
             for f in factors:
@@ -309,32 +251,25 @@ class TorchCompute:
     and GGUF quantization run on the CPU from the device's float32 result (their random streams and block
     encoders are the numpy ones, so the bytes do not depend on the device)."""
 
-    def __init__(self, device: str = "cuda", *, optional: bool = False, background: bool = False):
-        """optional: fall back to the CPU for good when torch sees no such device (`--device auto`); background:
-        load torch and the device on a thread, the CPU path computing (the same bytes) until they are ready."""
-        self.device_name = device
-        self.cpu = NumpyCompute(background=background)
-        self._loader = TorchLoader(device, optional=optional, background=background)
+    def __init__(self, device: str = "cuda"):
+        import warnings
 
-    @property
-    def name(self) -> str:
-        """The device the merge runs on: the CPU when an optional device turned out to be missing."""
-        return "cpu" if self._loader.optional and self._loader.get() is None else str(self.device)
+        import torch
 
-    @property
-    def device(self):
-        return self._loader.get().device(self.device_name)
+        # base tensors arrive as read-only buffers; they are only ever copied to the device, never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-    @property
-    def torch(self):
-        return self._loader.get()
+        self.torch = torch
+        self.device = torch.device(device)
+        self.name = str(self.device)
+        self.cpu = NumpyCompute()
 
     def session(self):
         return self.cpu.session()
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
-        if not patches or info.name.endswith(".bias") or t.ndim == 1 or self._loader.ready() is None:
-            return self.cpu.process(info, t, patches, dtype, rounding)  # no math, or the device is not ready yet
+        if not patches or info.name.endswith(".bias") or t.ndim == 1:
+            return self.cpu.process(info, t, patches, dtype, rounding)  # copies, casts and biases: no math
         w = self._merged(t, patches)
         if dtype == "F64":
             return Tensor(w.cpu().numpy(), "F64")

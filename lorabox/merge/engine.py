@@ -130,7 +130,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
                   "loras": [{"file": Path(p).name, "sha256": file_sha256(Path(p)), "ratio": float(r)} for p, r in loras],
                   "block_ratios": [[p, r] for p, r in block_ratios]}
-        report = MergeReport(str(output), "", "", record["loras"])  # device: once known (torch loads meanwhile)
+        report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
         total = Path(base_path).stat().st_size if base is None else base.nbytes
         done = 0
 
@@ -148,7 +148,6 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
                 report.bytes_written = merge_gguf_base(Path(base_path), read, output, **kwargs)
             else:
                 report.bytes_written = merge_to_gguf(Path(base_path), read, output, quant, **kwargs)
-            report.device = compute.name
             report.seconds = time.perf_counter() - started
             return report
         plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
@@ -173,7 +172,6 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         else:
             report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick,
                                                compute, fp8_layout)
-        report.device = compute.name
         report.seconds = time.perf_counter() - started
         return report
 

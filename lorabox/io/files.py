@@ -91,12 +91,3 @@ class AtomicWriter:
         return False
 
 
-def file_sha256(path) -> str:
-    """The hex sha256 of a whole file, read in 16 MiB chunks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()

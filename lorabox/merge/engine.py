@@ -19,7 +19,8 @@ import numpy as np
 from .. import __version__
 from ..conversion import load_lora
 from ..errors import InputFileError, OutputError, UnknownArchitecture
-from ..io.files import file_sha256
+from ..io import digests
+from ..io.digests import file_sha256
 from ..io.safetensors import StreamWriter, same_file
 from ..parallel import Behind, prefetch
 from ..tensor import Tensor, storage_dtype
@@ -312,12 +313,17 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
     if scaled.mode == "dequantize":
         metadata.pop("_quantization_metadata", None)
     metadata["lorabox.merge"] = json.dumps(rec, sort_keys=True)
-    hasher = hashlib.sha256()
     fd = os.open(shard.path, os.O_RDONLY)
     try:
+        before = os.fstat(fd)
+        digest = digests.known(before)  # a base merged before: its digest is remembered (io/digests.py)
+        hasher = None if digest else hashlib.sha256()
         with StreamWriter(path, entries, metadata) as writer:
             _stream(shard, fd, hasher, plan, dtype, rounding, scaled, writer, report, tick, compute)
-            writer.fill(PENDING, hasher.hexdigest())
+            if hasher is not None:
+                digest = hasher.hexdigest()
+                digests.remember(shard.path, digest, before, os.fstat(fd))
+            writer.fill(PENDING, digest)
             size = writer.size
     finally:
         os.close(fd)
@@ -325,7 +331,8 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
 
 
 def _read_in_order(shard: Shard, fd: int, hasher):
-    """A generator of (info, Tensor) in file order that also hashes every byte of the file.
+    """A generator of (info, Tensor) in file order that also hashes every byte of the file (unless `hasher` is
+    None: a digest already known).
 
     Each tensor is a read-only memory map of its own byte range: the kernel maps page-cache pages instead of
     copying them into fresh, zero-filled buffers (that copy and those page faults doubled the system time of a
@@ -340,12 +347,13 @@ def _read_in_order(shard: Shard, fd: int, hasher):
             raise InputFileError(f"{shard.path}: ends inside tensor {info.name!r}: truncated.", hint="Download it again.")
         start = pos - pos % mmap.ALLOCATIONGRANULARITY
         view = memoryview(mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start)) if end > start else b""
-        hasher.update(view[pos - start:])
+        if hasher is not None:
+            hasher.update(view[pos - start:])
         arr = np.frombuffer(view, dtype=storage_dtype(info.dtype), count=int(np.prod(info.shape)),
                             offset=info.offset - start).reshape(info.shape)
         pos = end
         yield info, Tensor(arr, info.dtype)
-    if size > pos:
+    if size > pos and hasher is not None:
         hasher.update(os.pread(fd, size - pos, pos))
 
 

@@ -1,0 +1,92 @@
+"""The remembered sha256 of a merge's base (lorabox/io/digests.py): used when the file is unchanged, never when it
+changed, and a cache that cannot be read or written changes nothing but the time."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lorabox.io import digests
+from lorabox.io.safetensors import read_tensors, write_tensors
+from lorabox.merge import engine
+from lorabox.merge.engine import merge
+from tests.helpers import random_lora
+from tests.test_merge import flux_base, write_lora
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)  # test files are small
+    base = tmp_path / "base.safetensors"
+    write_tensors(base, flux_base(np.random.default_rng(0), "BF16"))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", every=4, text_encoders=False), "kohya")
+    return base, lora
+
+
+def _recorded(out) -> str:
+    return json.loads(read_tensors(out)[1]["lorabox.merge"])["base"]["sha256"]
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+class _NoHashing:
+    @staticmethod
+    def sha256(*a):
+        raise AssertionError("the base was hashed again")
+
+
+def test_a_base_merged_again_is_not_hashed_again(files, tmp_path, monkeypatch):
+    base, lora = files
+    merge(base, [(lora, 0.8)], tmp_path / "a.safetensors")
+    assert _recorded(tmp_path / "a.safetensors") == _sha256(base)
+    assert digests.known(os.stat(base)) == _sha256(base)
+    monkeypatch.setattr(engine, "hashlib", _NoHashing)
+    merge(base, [(lora, 0.5)], tmp_path / "b.safetensors")
+    assert _recorded(tmp_path / "b.safetensors") == _sha256(base)
+
+
+def test_a_changed_base_is_hashed_again_even_with_its_old_size_and_mtime(files, tmp_path):
+    base, lora = files
+    merge(base, [(lora, 0.8)], tmp_path / "a.safetensors")
+    old, st = _sha256(base), os.stat(base)
+    data = bytearray(base.read_bytes())
+    data[-1] ^= 1  # a bit of the last tensor
+    with open(base, "r+b") as f:  # in place: same inode, same size
+        f.write(data)
+    os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime set back; the ctime cannot be
+    assert digests.known(os.stat(base)) is None
+    merge(base, [(lora, 0.8)], tmp_path / "b.safetensors")
+    assert _recorded(tmp_path / "b.safetensors") == _sha256(base) != old
+
+
+def test_a_broken_or_unwritable_cache_changes_nothing_but_the_time(files, tmp_path, monkeypatch):
+    base, lora = files
+    cache = digests.cache_file()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("{not json")
+    merge(base, [(lora, 0.8)], tmp_path / "a.safetensors")
+    assert _recorded(tmp_path / "a.safetensors") == _sha256(base)
+    assert json.loads(cache.read_text())["version"] == digests.VERSION  # written afresh
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LORABOX_CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot be created
+    merge(base, [(lora, 0.8)], tmp_path / "b.safetensors")
+    assert _recorded(tmp_path / "b.safetensors") == _sha256(base)
+    monkeypatch.setenv("LORABOX_CACHE_DIR", "")  # off
+    assert digests.cache_file() is None
+    merge(base, [(lora, 0.8)], tmp_path / "c.safetensors")
+    assert _recorded(tmp_path / "c.safetensors") == _sha256(base) and digests.known(os.stat(base)) is None
+
+
+def test_small_files_and_files_changed_while_hashed_are_not_remembered(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1000))
+    assert digests.file_sha256(path) == _sha256(path) and not digests.cache_file().exists()  # under 64 MiB
+    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
+    before = os.stat(path)
+    path.write_bytes(os.urandom(1000))
+    digests.remember(path, "0" * 64, before, os.stat(path))
+    assert digests.known(os.stat(path)) is None
+    assert digests.file_sha256(path) == _sha256(path) == digests.known(os.stat(path))

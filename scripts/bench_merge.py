@@ -159,6 +159,8 @@ def main():
     ap.add_argument("--peer", action="store_true", help="also run diffusers' and sd-mecha's merges (SDXL only)")
     ap.add_argument("--subset", metavar="REGEX", help="keep only the checkpoint keys this regex finds (a quick run)")
     ap.add_argument("--check", action="store_true", help="with --peer: compare sd-mecha's merge with lorabox's")
+    ap.add_argument("--dtype", default="keep", help="lorabox merge --dtype (fp8_e4m3fn: stochastic rounding of the "
+                    "patched weights, the default for fp8)")
     ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
                     "(the default: CUDA when present), cpu, cuda")
     args = ap.parse_args()
@@ -189,9 +191,9 @@ def main():
             device = devices[0]
             print("again, the base's sha256 remembered from the first merge:", end=" ")
         t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
-                            "--overwrite", "--json", "--device", device])
+                            "--overwrite", "--json", "--device", device, "--dtype", args.dtype])
         timings.append((t_merge, rss))
-        print(f"lorabox merge (--device {device}): {t_merge:.1f} s, peak RSS {rss:.2f} GiB, "
+        print(f"lorabox merge (--device {device} --dtype {args.dtype}): {t_merge:.1f} s, peak RSS {rss:.2f} GiB, "
               f"ratio to copy {t_merge / t_copy:.2f}")
     if not args.check:
         out.unlink()

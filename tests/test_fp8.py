@@ -121,6 +121,27 @@ def test_chunking_is_invisible(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def test_segments_on_threads_are_invisible(monkeypatch):
+    """Parallel segments each start the random stream where the single stream would be (PCG64.advance), so
+    threads and segment size change no bit, also with a scale multiplier and an odd length."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(10_001) * 0.05).astype(np.float32)
+    kinds = [dict(), dict(stochastic=True, seed=7)]
+    whole = [fp8.round_fp8(x, "F8_E4M3", **k) for k in kinds]
+    scaled = fp8.quantize_scaled(x, "F8_E5M2", stochastic=True, seed=9)
+    monkeypatch.setattr(fp8, "CHUNK", 512)
+    monkeypatch.setattr(fp8, "SEGMENT", 1024)  # ten segments, the last one odd
+    with ThreadPoolExecutor(3) as pool:
+        for threads, p in ((1, None), (3, None), (3, pool)):
+            for kind, want in zip(kinds, whole):
+                np.testing.assert_array_equal(fp8.round_fp8(x, "F8_E4M3", threads=threads, pool=p, **kind), want)
+            bits, scale = fp8.quantize_scaled(x, "F8_E5M2", stochastic=True, seed=9, threads=threads, pool=p)
+            np.testing.assert_array_equal(bits, scaled[0])
+            assert scale == scaled[1]
+
+
 # -- stochastic rounding ---------------------------------------------------------------------------
 
 def test_seed_for_key_is_comfyui_string_to_seed():

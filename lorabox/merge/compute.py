@@ -66,14 +66,15 @@ def round_to(w: np.ndarray, dtype: str) -> Tensor:
     return Tensor(from_float32(w.astype(np.float32), dtype), dtype)
 
 
-def round_fp8_merged(name: str, f32: np.ndarray, dtype: str, rounding: str, patched: bool) -> Tensor:
+def round_fp8_merged(name: str, f32: np.ndarray, dtype: str, rounding: str, patched: bool, threads: int = 1,
+                     pool=None) -> Tensor:
     """fp8 from float32, rounded once as a whole tensor so that stochastic rounding depends only on (key,
-    values); untouched weights are always rounded to nearest."""
+    values); untouched weights are always rounded to nearest. Segments run on `pool` (same bits)."""
     from ..quant.fp8 import round_fp8, seed_for_key
 
     stochastic = patched and rounding == "stochastic"
-    return Tensor(round_fp8(f32, dtype, stochastic=stochastic, seed=seed_for_key(name) if stochastic else None),
-                  dtype)
+    return Tensor(round_fp8(f32, dtype, stochastic=stochastic, seed=seed_for_key(name) if stochastic else None,
+                            threads=threads, pool=pool), dtype)
 
 
 def _cpu_torch():
@@ -136,7 +137,7 @@ class NumpyCompute:
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
         if dtype in FP8:
             f32 = t.values32() if not patches else self.process(info, t, patches, "F32").array
-            return round_fp8_merged(info.name, f32, dtype, rounding, bool(patches))
+            return round_fp8_merged(info.name, f32, dtype, rounding, bool(patches), self.threads, self.pool)
         if not patches:
             return t if dtype == t.dtype else Tensor(self._round(t.values(), dtype), dtype)
         if info.name.endswith(".bias") or t.ndim == 1:
@@ -267,6 +268,15 @@ class TorchCompute:
     def session(self):
         return self.cpu.session()
 
+    @property
+    def threads(self) -> int:
+        return self.cpu.threads
+
+    @property
+    def pool(self):
+        """The CPU worker pool of the session: fp8 stochastic rounding and scaled fp8 run there."""
+        return self.cpu.pool
+
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
         if not patches or info.name.endswith(".bias") or t.ndim == 1:
             return self.cpu.process(info, t, patches, dtype, rounding)  # copies, casts and biases: no math
@@ -278,7 +288,7 @@ class TorchCompute:
         if dtype in FP8:
             if rounding == "nearest":
                 return Tensor(self._fp8_nearest(f32, dtype), dtype)
-            return round_fp8_merged(info.name, f32.cpu().numpy(), dtype, rounding, True)
+            return round_fp8_merged(info.name, f32.cpu().numpy(), dtype, rounding, True, self.threads, self.pool)
         return Tensor(self._to_numpy(f32, dtype), dtype)
 
     # -- float64 on the device -------------------------------------------------------------------------------

@@ -397,7 +397,8 @@ def _make_scaled(info: TensorInfo, t: Tensor, patches: list, layer: str | None, 
         return [(info.name, compute.process(info, t, patches, t.dtype, rounding))]
     f32 = compute.process(info, t, patches, "F32").array if patches else t.values32()
     stochastic = bool(patches) and rounding == "stochastic"
-    bits, scale = quantize_scaled(f32, fp8, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None)
+    bits, scale = quantize_scaled(f32, fp8, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None,
+                                  threads=compute.threads, pool=compute.pool)
     return _made_layer(layer, bits.reshape(t.shape), fp8, np.asarray(scale).reshape(()), layout)
 
 
@@ -415,7 +416,8 @@ def _process_scaled(info: TensorInfo, q: Tensor, patches: list, layer, scaled: S
         return [(info.name, Tensor.from_values(merged.array, target) if target != "F32" else merged)]
     stochastic = rounding == "stochastic"
     bits, scale = quantize_scaled(merged.array, q.dtype, stochastic=stochastic,
-                                  seed=seed_for_key(info.name) if stochastic else None)
+                                  seed=seed_for_key(info.name) if stochastic else None,
+                                  threads=compute.threads, pool=compute.pool)
     new_scale = Tensor.from_values(np.full(old.shape, float(np.asarray(scale).reshape(-1)[0])), old.dtype)
     return [(info.name, Tensor(bits.reshape(q.shape), q.dtype)), (layer.scale_key, new_scale)]
 

@@ -47,6 +47,7 @@ FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 COMFY_FORMATS = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 FORMAT_DTYPES = {v: k for k, v in COMFY_FORMATS.items()}
 CHUNK = 1 << 16  # elements per step (even: the random stream does not depend on it)
+SEGMENT = 16 * CHUNK  # elements per parallel task (a multiple of CHUNK)
 METADATA_KEY = "_quantization_metadata"
 
 
@@ -81,32 +82,45 @@ def seed_for_key(name: str) -> int:
     return zlib.crc32(name.encode("utf-8"))
 
 
-def round_fp8(x: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int | None = None) -> np.ndarray:
+def round_fp8(x: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int | None = None, threads: int = 1,
+              pool=None) -> np.ndarray:
     """Round `x` (any real dtype; computed on its float32 values) to fp8 bits (uint8, same shape).
 
     Saturates to ±max first (see the module doc); `stochastic=True` needs `seed` (use `seed_for_key`).
-    A non-contiguous `x` is copied once; otherwise memory beyond input and output stays under 2 MB."""
-    return _round(x, _spec(dtype), stochastic, seed, None)
+    `threads` (or a `pool` of that many threads) round segments of SEGMENT elements in parallel, each from
+    its own place in the random stream, so the bits do not depend on them. A non-contiguous `x` is copied
+    once; otherwise memory beyond input and output stays under 2 MB per thread."""
+    return _round(x, _spec(dtype), stochastic, seed, None, threads, pool)
 
 
-def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier) -> np.ndarray:
+def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier, threads: int = 1,
+           pool=None) -> np.ndarray:
     """round_fp8 of float32(x) * multiplier (a float32 scalar, or None for 1), chunk by chunk."""
+    from ..parallel import run_chunks
+
     if stochastic and seed is None:
         raise ValueError("stochastic rounding needs a seed (seed_for_key(weight name))")
     x = np.asarray(x)
     flat = x.reshape(-1)
     out = np.empty(flat.shape, np.uint8)
-    work = _Work(min(CHUNK, flat.size), spec, stochastic, multiplier)
-    rng = np.random.Generator(np.random.PCG64(seed)) if stochastic else None
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf inputs are expected
-        for start in range(0, flat.size, CHUNK):
-            chunk, dest = flat[start:start + CHUNK], out[start:start + CHUNK]
-            if rng is None:
-                _rne_chunk(chunk, dest, work)
-            else:
-                # one 32-bit draw per element, in flat order (an odd chunk can only be the last one)
-                draws = rng.bit_generator.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
-                _stochastic_chunk(chunk, dest, work, draws.view("<u4")[:chunk.size])
+
+    def segment(first: int) -> None:
+        work = _Work(min(CHUNK, flat.size), spec, stochastic, multiplier)
+        rng = None
+        if stochastic:
+            rng = np.random.PCG64(seed)
+            rng.advance(first // 2)  # every chunk before this one took CHUNK / 2 64-bit draws (CHUNK is even)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf inputs are expected
+            for start in range(first, min(flat.size, first + SEGMENT), CHUNK):
+                chunk, dest = flat[start:start + CHUNK], out[start:start + CHUNK]
+                if rng is None:
+                    _rne_chunk(chunk, dest, work)
+                else:
+                    # one 32-bit draw per element, in flat order (an odd chunk can only be the last one)
+                    draws = rng.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
+                    _stochastic_chunk(chunk, dest, work, draws.view("<u4")[:chunk.size])
+
+    run_chunks(segment, range(0, flat.size, SEGMENT), threads, pool)
     return out.reshape(x.shape)
 
 
@@ -275,7 +289,7 @@ def compute_scale(w: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def quantize_scaled(w: np.ndarray, dtype: str, *, stochastic: bool = False, seed: int | None = None,
-                    scale=None) -> tuple[np.ndarray, np.ndarray]:
+                    scale=None, threads: int = 1, pool=None) -> tuple[np.ndarray, np.ndarray]:
     """Quantize `w` to scaled fp8: returns (bits uint8, scale float32) with w ≈ dequant(bits) * scale.
 
     `scale=None` recomputes it as amax(|w|)/max (`compute_scale`), as ComfyUI does after a LoRA patch on a
@@ -284,7 +298,7 @@ def quantize_scaled(w: np.ndarray, dtype: str, *, stochastic: bool = False, seed
     As in ComfyUI's `TensorCoreFP8Layout.quantize`, float32(w) is multiplied by the float32 reciprocal
     of the scale, so the round-to-nearest result matches it bit for bit (the legacy `set_weight`
     divides instead, which can differ by one float32 ulp before rounding). A scalar scale is applied chunk by chunk (no full-size temporary); a
-    broadcastable array (per-row scales) is applied at once."""
+    broadcastable array (per-row scales) is applied at once. `threads`/`pool`: as in `round_fp8`."""
     spec = _spec(dtype)
     scale = compute_scale(w, dtype) if scale is None else np.asarray(scale, dtype=np.float32)
     with np.errstate(divide="ignore", over="ignore"):
@@ -292,9 +306,9 @@ def quantize_scaled(w: np.ndarray, dtype: str, *, stochastic: bool = False, seed
     if not np.all(np.isfinite(inverse)) or not np.all(scale > 0):
         raise ValueError(f"fp8 scale must be positive and finite, with a finite reciprocal (got {scale})")
     if inverse.size == 1:
-        return _round(w, spec, stochastic, seed, inverse.reshape(())[()]), scale
+        return _round(w, spec, stochastic, seed, inverse.reshape(())[()], threads, pool), scale
     scaled = np.asarray(w, dtype=np.float32) * inverse
-    return _round(scaled, spec, stochastic, seed, None), scale
+    return _round(scaled, spec, stochastic, seed, None, threads, pool), scale
 
 
 # -- ComfyUI layouts: reading ------------------------------------------------------------------------

@@ -248,9 +248,10 @@ def _from_torch(torch, x, dtype: str) -> np.ndarray:
 
 class TorchCompute:
     """The GPU path: the whole weight in float64 on the device, the same operations in the same order as
-    `NumpyCompute`, and torch's own rounding (to float32, then to the output dtype). fp8 stochastic rounding
-    and GGUF quantization run on the CPU from the device's float32 result (their random streams and block
-    encoders are the numpy ones, so the bytes do not depend on the device)."""
+    `NumpyCompute`, and torch's own rounding (to float32, then to the output dtype). fp8 rounding runs on the
+    device too: nearest as torch's cast, stochastic from the CPU path's PCG64 draws (made on the CPU workers)
+    with the same integer steps, so the bytes do not depend on the device. GGUF quantization and ComfyUI scaled
+    fp8 run on the CPU workers from the device's float32 result."""
 
     def __init__(self, device: str = "cuda"):
         import warnings
@@ -288,7 +289,7 @@ class TorchCompute:
         if dtype in FP8:
             if rounding == "nearest":
                 return Tensor(self._fp8_nearest(f32, dtype), dtype)
-            return round_fp8_merged(info.name, f32.cpu().numpy(), dtype, rounding, True, self.threads, self.pool)
+            return Tensor(self._fp8_stochastic(info.name, f32, dtype), dtype)
         return Tensor(self._to_numpy(f32, dtype), dtype)
 
     # -- float64 on the device -------------------------------------------------------------------------------
@@ -357,6 +358,21 @@ class TorchCompute:
     def _to_numpy(self, f32, dtype: str) -> np.ndarray:
         return _from_torch(self.torch, f32.to(_torch_dtype(self.torch, dtype)).cpu(), dtype)
 
+    def _fp8_stochastic(self, name: str, f32, dtype: str) -> np.ndarray:
+        """lorabox.quant.fp8's stochastic rounding on the device: the same PCG64 draws (made on the CPU workers,
+        4 bytes per element) and the same integer steps, so the same bits as the CPU path."""
+        from ..quant.fp8 import _spec, seed_for_key, stochastic_draws
+
+        torch, spec = self.torch, _spec(dtype)
+        flat = f32.reshape(-1)
+        draws = torch.from_numpy(stochastic_draws(flat.numel(), seed_for_key(name), self.threads, self.pool)
+                                 .view(np.int32))
+        out = torch.empty(flat.numel(), dtype=torch.uint8, device=self.device)
+        for s in range(0, flat.numel(), FP8_STEP):
+            d = draws[s:s + FP8_STEP].to(self.device).to(torch.int64) & 0xFFFFFFFF
+            out[s:s + FP8_STEP] = _stochastic_fp8(torch, flat[s:s + FP8_STEP], d, spec)
+        return out.reshape(f32.shape).cpu().numpy()
+
     def _fp8_nearest(self, f32, dtype: str) -> np.ndarray:
         """Saturate to the format's largest finite value, then torch's round-to-nearest-even cast (as
         lorabox.quant.fp8.round_fp8 does on the CPU; NaN stays NaN)."""
@@ -364,3 +380,22 @@ class TorchCompute:
         fmt = torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2
         big = torch.finfo(fmt).max
         return f32.clamp(-big, big).to(fmt).view(torch.uint8).cpu().numpy()
+
+
+FP8_STEP = 1 << 24  # elements per device step of the stochastic fp8 rounding (int64 temporaries: 128 MB each)
+
+
+def _stochastic_fp8(torch, x, draws, spec):
+    """`lorabox.quant.fp8._stochastic_chunk` in torch: float32 `x`, uint32 `draws` held in int64, the same
+    integer steps (in int64, where numpy's uint32 wraps below the normal range; those lanes are replaced by the
+    subnormal result either way)."""
+    sign = torch.where(x.view(torch.int32) < 0, 0x80, 0)
+    a = x.abs().clamp(max=spec.max)  # NaN stays NaN
+    bits = a.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    shift = 23 - spec.man
+    code = (((draws >> (32 - shift)) + bits) >> shift) - ((127 - spec.bias) << spec.man)
+    low = a < 2.0 ** (1 - spec.bias)  # the fp8 subnormal range; NaN is not in it
+    fixed = (a * 2.0 ** (spec.bias + 30)).to(torch.int64)  # exact scaling, truncated, as numpy's cast
+    fixed = (fixed + (draws >> (spec.man + 1))) >> (31 - spec.man)
+    code = torch.where(low, fixed, code).clamp(max=spec.nan) | sign
+    return code.to(torch.uint8)

@@ -124,6 +124,25 @@ def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier, threa
     return out.reshape(x.shape)
 
 
+def stochastic_draws(n: int, seed: int, threads: int = 1, pool=None) -> np.ndarray:
+    """The uint32 draws `round_fp8(stochastic=True, seed=seed)` gives the elements of an n-element array, in flat
+    order: the stream's 64-bit outputs split into 32-bit halves, low half first (every chunk but the last takes
+    CHUNK / 2 outputs). For a device that does the rest of the rounding itself (`TorchCompute`); segments are made
+    in parallel, each from its own place in the stream."""
+    from ..parallel import run_chunks
+
+    raw = np.empty((n + 1) // 2, "<u8")
+
+    def segment(first: int) -> None:
+        rng = np.random.PCG64(seed)
+        rng.advance(first // 2)
+        count = (min(n, first + SEGMENT) - first + 1) // 2
+        raw[first // 2:first // 2 + count] = rng.random_raw(count)
+
+    run_chunks(segment, range(0, n, SEGMENT), threads, pool)
+    return raw.view("<u4")[:n]
+
+
 class _Work:
     """Buffers reused by every chunk of one call: allocating per chunk costs page faults, which on a
     small VM cost more than the arithmetic."""

@@ -1,4 +1,4 @@
-"""Benchmark `lorabox merge` on full-size synthetic checkpoints with the real key layout.
+r"""Benchmark `lorabox merge` on full-size synthetic checkpoints with the real key layout.
 
 Shapes come from diffusers' models built on the meta device (SDXL UNet fp16, FLUX.1-dev transformer bf16). The SDXL
 base is a UNet-only SGM single file: every tensor under `model.diffusion_model.<SGM name>`, the names given by
@@ -6,7 +6,8 @@ diffusers' own single-file converter (the key set and shapes of sd-mecha's `sdxl
 writes the LoRA-targetable weights and biases under their bare BFL names, everything else (norms, embeddings) under
 diffusers' names. A kohya LoRA of the given rank on every targetable weight (`lora_unet_<SGM or BFL name, . -> _>`)
 is merged at 0.8; the script reports wall time, peak RSS of the merge process, and the ratio to a plain copy (`cp`)
-of the same file in the same run.
+of the same file in the same run, for each `--device` given, then once more with the base's sha256 remembered from
+the first merge (the next LoRA on the same base). `--dtype fp8_e4m3fn` times an fp8 output instead.
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench   # needs ~50 GB free

@@ -216,8 +216,6 @@ def _test_values(dtype: str, rng) -> np.ndarray:
 def test_the_device_twin_of_stochastic_rounding_gives_the_same_bits(dtype, monkeypatch):
     """TorchCompute's stochastic fp8 (the same PCG64 draws from `stochastic_draws`, the same integer steps in
     torch) on every kind of value: the hard ones, zeros, NaNs, infinities, float32 subnormals, beyond max."""
-    from lorabox.merge.compute import _stochastic_fp8
-
     monkeypatch.setattr(fp8, "CHUNK", 512)
     monkeypatch.setattr(fp8, "SEGMENT", 2048)  # the draws of several segments, each from its place in the stream
     rng = np.random.default_rng(11)
@@ -225,7 +223,7 @@ def test_the_device_twin_of_stochastic_rounding_gives_the_same_bits(dtype, monke
     x = np.concatenate([_test_values(dtype, rng), special, (rng.standard_normal(9_999) * 0.03).astype(np.float32)])
     want = fp8.round_fp8(x, dtype, stochastic=True, seed=12345)
     draws = torch.from_numpy(fp8.stochastic_draws(x.size, 12345, threads=3).view(np.int32)).to(torch.int64)
-    got = _stochastic_fp8(torch, torch.from_numpy(x), draws & 0xFFFFFFFF, fp8._spec(dtype)).numpy()
+    got = fp8.stochastic_bits_torch(torch, torch.from_numpy(x), draws & 0xFFFFFFFF, dtype).numpy()
     np.testing.assert_array_equal(got, want)
 
 

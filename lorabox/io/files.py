@@ -89,5 +89,3 @@ class AtomicWriter:
         else:
             self.abort()
         return False
-
-

@@ -20,6 +20,7 @@ from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnit
 FP8 = ("F8_E4M3", "F8_E5M2")
 BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
 TILE_COLS = 4096
+FP8_STEP = 1 << 24  # elements per device step of the stochastic fp8 rounding (int64 temporaries: 128 MB each)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -361,16 +362,16 @@ class TorchCompute:
     def _fp8_stochastic(self, name: str, f32, dtype: str) -> np.ndarray:
         """lorabox.quant.fp8's stochastic rounding on the device: the same PCG64 draws (made on the CPU workers,
         4 bytes per element) and the same integer steps, so the same bits as the CPU path."""
-        from ..quant.fp8 import _spec, seed_for_key, stochastic_draws
+        from ..quant.fp8 import seed_for_key, stochastic_bits_torch, stochastic_draws
 
-        torch, spec = self.torch, _spec(dtype)
+        torch = self.torch
         flat = f32.reshape(-1)
         draws = torch.from_numpy(stochastic_draws(flat.numel(), seed_for_key(name), self.threads, self.pool)
                                  .view(np.int32))
         out = torch.empty(flat.numel(), dtype=torch.uint8, device=self.device)
         for s in range(0, flat.numel(), FP8_STEP):
             d = draws[s:s + FP8_STEP].to(self.device).to(torch.int64) & 0xFFFFFFFF
-            out[s:s + FP8_STEP] = _stochastic_fp8(torch, flat[s:s + FP8_STEP], d, spec)
+            out[s:s + FP8_STEP] = stochastic_bits_torch(torch, flat[s:s + FP8_STEP], d, dtype)
         return out.reshape(f32.shape).cpu().numpy()
 
     def _fp8_nearest(self, f32, dtype: str) -> np.ndarray:
@@ -381,21 +382,3 @@ class TorchCompute:
         big = torch.finfo(fmt).max
         return f32.clamp(-big, big).to(fmt).view(torch.uint8).cpu().numpy()
 
-
-FP8_STEP = 1 << 24  # elements per device step of the stochastic fp8 rounding (int64 temporaries: 128 MB each)
-
-
-def _stochastic_fp8(torch, x, draws, spec):
-    """`lorabox.quant.fp8._stochastic_chunk` in torch: float32 `x`, uint32 `draws` held in int64, the same
-    integer steps (in int64, where numpy's uint32 wraps below the normal range; those lanes are replaced by the
-    subnormal result either way)."""
-    sign = torch.where(x.view(torch.int32) < 0, 0x80, 0)
-    a = x.abs().clamp(max=spec.max)  # NaN stays NaN
-    bits = a.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
-    shift = 23 - spec.man
-    code = (((draws >> (32 - shift)) + bits) >> shift) - ((127 - spec.bias) << spec.man)
-    low = a < 2.0 ** (1 - spec.bias)  # the fp8 subnormal range; NaN is not in it
-    fixed = (a * 2.0 ** (spec.bias + 30)).to(torch.int64)  # exact scaling, truncated, as numpy's cast
-    fixed = (fixed + (draws >> (spec.man + 1))) >> (31 - spec.man)
-    code = torch.where(low, fixed, code).clamp(max=spec.nan) | sign
-    return code.to(torch.uint8)

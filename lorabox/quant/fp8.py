@@ -1,6 +1,7 @@
 """float32 -> fp8 (e4m3fn, e5m2) rounding and ComfyUI's scaled-fp8 layouts, in numpy only.
 
-This is the CPU path of the merge engine: no torch. Bits are held as uint8, like `lorabox.tensor.Tensor`
+This is the CPU path of the merge engine: no torch (`stochastic_bits_torch`, the device's twin of the stochastic
+steps, takes torch as an argument). Bits are held as uint8, like `lorabox.tensor.Tensor`
 holds them (safetensors dtypes "F8_E4M3" = torch.float8_e4m3fn, "F8_E5M2" = torch.float8_e5m2).
 
 Rounding (`round_fp8`)
@@ -106,10 +107,7 @@ def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier, threa
 
     def segment(first: int) -> None:
         work = _Work(min(CHUNK, flat.size), spec, stochastic, multiplier)
-        rng = None
-        if stochastic:
-            rng = np.random.PCG64(seed)
-            rng.advance(first // 2)  # every chunk before this one took CHUNK / 2 64-bit draws (CHUNK is even)
+        rng = _stream_at(seed, first) if stochastic else None
         with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf inputs are expected
             for start in range(first, min(flat.size, first + SEGMENT), CHUNK):
                 chunk, dest = flat[start:start + CHUNK], out[start:start + CHUNK]
@@ -124,6 +122,14 @@ def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier, threa
     return out.reshape(x.shape)
 
 
+def _stream_at(seed: int, first: int) -> np.random.PCG64:
+    """The random stream of `seed` where element `first` (a multiple of CHUNK) takes its draw: every chunk before
+    it took CHUNK / 2 64-bit outputs (CHUNK is even)."""
+    rng = np.random.PCG64(seed)
+    rng.advance(first // 2)
+    return rng
+
+
 def stochastic_draws(n: int, seed: int, threads: int = 1, pool=None) -> np.ndarray:
     """The uint32 draws `round_fp8(stochastic=True, seed=seed)` gives the elements of an n-element array, in flat
     order: the stream's 64-bit outputs split into 32-bit halves, low half first (every chunk but the last takes
@@ -134,8 +140,7 @@ def stochastic_draws(n: int, seed: int, threads: int = 1, pool=None) -> np.ndarr
     raw = np.empty((n + 1) // 2, "<u8")
 
     def segment(first: int) -> None:
-        rng = np.random.PCG64(seed)
-        rng.advance(first // 2)
+        rng = _stream_at(seed, first)
         count = (min(n, first + SEGMENT) - first + 1) // 2
         raw[first // 2:first // 2 + count] = rng.random_raw(count)
 
@@ -264,6 +269,24 @@ def _stochastic_chunk(src: np.ndarray, out: np.ndarray, work: _Work, draws: np.n
     np.minimum(code, spec.nan, out=code)  # NaN: every NaN pattern lands above the largest finite code
     np.bitwise_or(code, sign, out=code)
     np.copyto(out, code, casting="unsafe")
+
+
+def stochastic_bits_torch(torch, x, draws, dtype: str):
+    """`_stochastic_chunk` in torch, for a device (`TorchCompute`): float32 `x`, its uint32 draws
+    (`stochastic_draws`) held in int64, the same integer steps, so the same bits. Runs in int64, where numpy's
+    uint32 wraps below the normal range; those lanes take the subnormal result either way. Kept next to the numpy
+    steps: a change to one is a change to both (a test holds them equal on every kind of value)."""
+    spec = _spec(dtype)
+    sign = torch.where(x.view(torch.int32) < 0, 0x80, 0)
+    a = x.abs().clamp(max=spec.max)  # NaN stays NaN
+    bits = a.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    shift = 23 - spec.man
+    code = (((draws >> (32 - shift)) + bits) >> shift) - ((127 - spec.bias) << spec.man)
+    low = a < 2.0 ** (1 - spec.bias)  # the fp8 subnormal range; NaN is not in it
+    fixed = (a * 2.0 ** (spec.bias + 30)).to(torch.int64)  # exact scaling, truncated, as numpy's cast
+    fixed = (fixed + (draws >> (spec.man + 1))) >> (31 - spec.man)
+    code = torch.where(low, fixed, code).clamp(max=spec.nan) | sign
+    return code.to(torch.uint8)
 
 
 _TABLES: dict[str, np.ndarray] = {}

@@ -20,7 +20,6 @@ from .. import __version__
 from ..conversion import load_lora
 from ..errors import InputFileError, OutputError, UnknownArchitecture
 from ..io import digests
-from ..io.digests import file_sha256
 from ..io.safetensors import StreamWriter, same_file
 from ..parallel import Behind, prefetch
 from ..tensor import Tensor, storage_dtype
@@ -129,7 +128,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
         read = [(_load_for(p, base, arch), float(r)) for p, r in loras]
         record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
-                  "loras": [{"file": Path(p).name, "sha256": file_sha256(Path(p)), "ratio": float(r)} for p, r in loras],
+                  "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": float(r)} for p, r in loras],
                   "block_ratios": [[p, r] for p, r in block_ratios]}
         report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
         total = Path(base_path).stat().st_size if base is None else base.nbytes
@@ -142,7 +141,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
                 progress(done, total)
 
         if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
-            record["base"] = {"file": Path(base_path).name, "sha256": file_sha256(Path(base_path))}
+            record["base"] = {"file": Path(base_path).name, "sha256": digests.file_sha256(Path(base_path))}
             kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
                           report=report, tick=tick, process=compute.process)
             if gguf_base:

@@ -132,9 +132,9 @@ def test_segments_on_threads_are_invisible(monkeypatch):
     whole = [fp8.round_fp8(x, "F8_E4M3", **k) for k in kinds]
     scaled = fp8.quantize_scaled(x, "F8_E5M2", stochastic=True, seed=9)
     monkeypatch.setattr(fp8, "CHUNK", 512)
-    monkeypatch.setattr(fp8, "SEGMENT", 1024)  # ten segments, the last one odd
+    monkeypatch.setattr(fp8, "SEGMENT", 1024)  # at most two chunks per segment; the last chunk odd
     with ThreadPoolExecutor(3) as pool:
-        for threads, p in ((1, None), (3, None), (3, pool)):
+        for threads, p in ((1, None), (3, None), (3, pool), (8, None)):  # 8: segments of one chunk
             for kind, want in zip(kinds, whole):
                 np.testing.assert_array_equal(fp8.round_fp8(x, "F8_E4M3", threads=threads, pool=p, **kind), want)
             bits, scale = fp8.quantize_scaled(x, "F8_E5M2", stochastic=True, seed=9, threads=threads, pool=p)

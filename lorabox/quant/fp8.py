@@ -104,6 +104,7 @@ def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier, threa
     x = np.asarray(x)
     flat = x.reshape(-1)
     out = np.empty(flat.shape, np.uint8)
+    step = _segment(flat.size, threads)
 
     def segment(first: int) -> None:
         work = _Work(min(CHUNK, flat.size), spec, stochastic, multiplier)
@@ -118,7 +119,6 @@ def _round(x, spec: _Spec, stochastic: bool, seed: int | None, multiplier, threa
                     draws = rng.random_raw((chunk.size + 1) // 2).astype("<u8", copy=False)
                     _stochastic_chunk(chunk, dest, work, draws.view("<u4")[:chunk.size])
 
-    step = _segment(flat.size, threads)
     run_chunks(segment, range(0, flat.size, step), threads, pool)
     return out.reshape(x.shape)
 
@@ -147,13 +147,13 @@ def stochastic_draws(n: int, seed: int, threads: int = 1, pool=None) -> np.ndarr
     from ..parallel import run_chunks
 
     raw = np.empty((n + 1) // 2, "<u8")
+    step = _segment(n, threads)
 
     def segment(first: int) -> None:
         rng = _stream_at(seed, first)
         count = (min(n, first + step) - first + 1) // 2
         raw[first // 2:first // 2 + count] = rng.random_raw(count)
 
-    step = _segment(n, threads)
     run_chunks(segment, range(0, n, step), threads, pool)
     return raw.view("<u4")[:n]
 

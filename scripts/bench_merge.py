@@ -149,7 +149,12 @@ def run(cmd: list[str]) -> tuple[float, float]:
         if proc.returncode:
             err.seek(0)
             raise SystemExit(err.read().decode(errors="replace")[-2000:])
+    global LAST_CPU
+    LAST_CPU = (usage.ru_utime, usage.ru_stime)
     return seconds, usage.ru_maxrss / 2**20
+
+
+LAST_CPU = (0.0, 0.0)  # user and system CPU-s of the last `run`
 
 
 def main():
@@ -164,7 +169,12 @@ def main():
                     "patched weights, the default for fp8)")
     ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
                     "(the default: CUDA when present), cpu, cuda")
+    ap.add_argument("--io", choices=["direct", "buffered"], default="direct", help="how the output is written: "
+                    "around the page cache where the filesystem allows (the default), or through it "
+                    "(LORABOX_DIRECT_IO=0)")
     args = ap.parse_args()
+    if args.io == "buffered":
+        os.environ["LORABOX_DIRECT_IO"] = "0"
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     keys, modules = layout(args.model)
@@ -194,7 +204,8 @@ def main():
         t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
                             "--overwrite", "--json", "--device", device, "--dtype", args.dtype])
         timings.append((t_merge, rss))
-        print(f"lorabox merge (--device {device} --dtype {args.dtype}): {t_merge:.1f} s, peak RSS {rss:.2f} GiB, "
+        print(f"lorabox merge (--device {device} --dtype {args.dtype}, {args.io} writes): {t_merge:.1f} s "
+              f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
               f"ratio to copy {t_merge / t_copy:.2f}")
     if not args.check:
         out.unlink()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, OutputError
+from .direct import STAGE, open_direct
 from .files import AtomicWriter, commit, discard, temporary_beside
 from ..tensor import Tensor, storage_dtype
 
@@ -203,6 +204,10 @@ class StreamWriter(AtomicWriter):
 
     Metadata values may hold placeholders (`reserve`) that are overwritten in place at the end with a value of
     the same length, e.g. a digest computed while streaming.
+
+    Outputs of DIRECT_MIN bytes or more go around the page cache (O_DIRECT, `io/direct.py`) where the filesystem
+    allows it (`LORABOX_DIRECT_IO=0` turns that off); otherwise, or for smaller files, writes are buffered and
+    written back every WRITEBACK bytes.
     """
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
@@ -224,18 +229,28 @@ class StreamWriter(AtomicWriter):
         self.size = 8 + len(raw) + offset
         self._tmp = temporary_beside(self.path)
         self._f = open(self._tmp, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        use = self.size >= self.DIRECT_MIN and os.environ.get("LORABOX_DIRECT_IO", "1") != "0"
+        self._direct = open_direct(self._tmp, self.STAGE) if use else None
+        out = self._f if self._direct is None else self._direct
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
         self._next = 0
         self._synced = self._synced_before = 0  # see _flush_behind
+
+    DIRECT_MIN = 256 << 20  # outputs this big bypass the page cache (io/direct.py); smaller ones are not worth it
+    STAGE = STAGE
 
     def write(self, name: str, t: Tensor) -> None:
         want_name, dtype, shape, n = self._expect[self._next]
         if name != want_name or t.dtype != dtype or t.shape != shape:
             raise ValueError(f"stream writer: expected {want_name} {dtype} {list(shape)}, got {name} {t.dtype} {list(t.shape)}")
-        self._f.write(np.ascontiguousarray(t.array).data)
+        data = np.ascontiguousarray(t.array).data
+        if self._direct is not None:
+            self._direct.write(data)
+        else:
+            self._f.write(data)
+            self._flush_behind()
         self._next += 1
-        self._flush_behind()
 
     WRITEBACK = 64 << 20
 
@@ -258,15 +273,23 @@ class StreamWriter(AtomicWriter):
         if len(placeholder) != len(value):
             raise ValueError("placeholder and value must have the same length")
         at = self._header.index(placeholder.encode())
+        self._header = self._header[:at] + value.encode() + self._header[at + len(value):]
+        if self._direct is not None:
+            return  # the header is written again, whole, once the direct writes are done
         self._f.flush()
         self._f.seek(8 + at)
         self._f.write(value.encode())
         self._f.seek(0, os.SEEK_END)
 
     def _finish(self) -> None:
+        if self._direct is not None:
+            self._direct.finish()
+            os.pwrite(self._f.fileno(), self._header, 8)  # a buffered write after the direct ones: coherent
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
 
     def _release(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self._f.close()

@@ -1,0 +1,123 @@
+"""Sequential writes that bypass the page cache (Linux O_DIRECT), for multi-gigabyte outputs.
+
+A buffered write copies every byte into the page cache; the kernel then allocates, tracks, writes back and frees
+those pages. For a merge that writes 24 GB on a 2-core machine, that is CPU the merge itself needs (measured with
+`dd bs=16M` of 4.3 GB here: 3.24 s of system time and 6.2 s buffered, 0.36 s and 2.3 s direct). Here the bytes are
+staged in aligned buffers and written with O_DIRECT, one buffer on the disk while the next one fills.
+
+`open_direct` returns None where O_DIRECT is missing or refused (macOS, tmpfs, some network filesystems); the
+caller then writes through the page cache as before. The file's last block is written whole and the file then
+truncated to its exact size; durability (fsync) stays the caller's.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+ALIGN = 4096  # O_DIRECT wants buffer addresses, file offsets and lengths aligned to the device's block size
+STAGE = 16 << 20  # bytes per write: one such buffer on the disk while the other fills
+
+
+def aligned(nbytes: int) -> np.ndarray:
+    """A uint8 buffer of `nbytes` whose address is a multiple of ALIGN."""
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip:skip + nbytes]
+
+
+def open_direct(path: str | os.PathLike, stage: int = STAGE) -> DirectFile | None:
+    """`path` (an existing, empty file) opened for O_DIRECT writes, or None where that is not possible."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        fd = os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
+    try:  # filesystems may accept the flag and refuse the I/O: try one block (overwritten later)
+        os.pwrite(fd, aligned(ALIGN), 0)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    return DirectFile(fd, stage)
+
+
+def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "the disk accepted no bytes")
+        view, offset = view[n:], offset + n
+
+
+class DirectFile:
+    """Append-only O_DIRECT writer: `write` bytes, then `finish` (or `close` to abandon). Write errors (a full
+    disk) are raised by the `write` or `finish` after them."""
+
+    def __init__(self, fd: int, stage: int = STAGE):
+        if stage <= 0 or stage % ALIGN:
+            raise ValueError(f"stage must be a positive multiple of {ALIGN}")
+        self._fd = fd
+        self._bufs = [aligned(stage), aligned(stage)]
+        self._cur = self._fill = self._base = 0  # buffer being filled, bytes in it, its offset in the file
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lorabox-direct")
+        self._pending: Future | None = None
+
+    def tell(self) -> int:
+        return self._base + self._fill
+
+    def write(self, data) -> None:
+        src = np.frombuffer(data, np.uint8)
+        stage = len(self._bufs[0])
+        while len(src):
+            n = min(len(src), stage - self._fill)
+            self._bufs[self._cur][self._fill:self._fill + n] = src[:n]  # numpy copies without the GIL
+            self._fill += n
+            src = src[n:]
+            if self._fill == stage:
+                self._submit(stage)
+
+    def _submit(self, length: int) -> None:
+        self._wait()  # the buffer written before is the one filled next
+        self._pending = self._pool.submit(_pwrite_all, self._fd, self._bufs[self._cur][:length], self._base)
+        self._base += length
+        self._cur ^= 1
+        self._fill = 0
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def finish(self) -> int:
+        """Write what is staged, cut the file to the bytes written, close; returns the size."""
+        size = self.tell()
+        try:
+            if self._fill:
+                padded = -(-self._fill // ALIGN) * ALIGN
+                self._bufs[self._cur][self._fill:padded] = 0
+                self._submit(padded)
+            self._wait()
+            os.ftruncate(self._fd, size)
+        finally:
+            self.close()
+        return size
+
+    def close(self) -> None:
+        """Stop: wait for the write on the disk (its error, if any, is dropped: the file is being abandoned)."""
+        if self._fd < 0:
+            return
+        try:
+            self._wait()
+        except OSError:
+            pass
+        finally:
+            self._pool.shutdown(wait=True)
+            os.close(self._fd)
+            self._fd = -1

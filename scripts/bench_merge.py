@@ -194,6 +194,7 @@ def main():
     copy.unlink()
     print(f"plain copy (cp + sync): {t_copy:.1f} s")
     os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base
+    shutil.rmtree(d / "cache", ignore_errors=True)  # (a kept --dir remembers it from the last run)
     devices = args.device or ["auto"]
     timings = []
     for device in [*devices, "again"]:

@@ -119,3 +119,14 @@ def test_lorabox_direct_io_0_turns_direct_writes_off(tmp_path, monkeypatch):
     monkeypatch.setenv("LORABOX_DIRECT_IO", "1")
     assert write(tmp_path / "on.safetensors", ents, tensors, direct_io=True, monkeypatch=monkeypatch)
     assert (tmp_path / "off.safetensors").read_bytes() == (tmp_path / "on.safetensors").read_bytes()
+
+
+def test_a_disk_error_while_opening_leaves_no_file(tmp_path, monkeypatch):
+    def refuse(*_):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("lorabox.io.safetensors.open_direct", refuse)
+    ents, tensors = entries(seed=5, count=2)
+    with pytest.raises(OSError):
+        write(tmp_path / "o.safetensors", ents, tensors, direct_io=True, monkeypatch=monkeypatch)
+    assert list(tmp_path.iterdir()) == []

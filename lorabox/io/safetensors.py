@@ -229,11 +229,16 @@ class StreamWriter(AtomicWriter):
         self.size = 8 + len(raw) + offset
         self._tmp = temporary_beside(self.path)
         self._f = open(self._tmp, "wb")
-        use = self.size >= self.DIRECT_MIN and os.environ.get("LORABOX_DIRECT_IO", "1") != "0"
-        self._direct = open_direct(self._tmp, self.STAGE) if use else None
-        out = self._f if self._direct is None else self._direct
-        out.write(struct.pack("<Q", len(raw)))
-        out.write(raw)
+        try:
+            use = self.size >= self.DIRECT_MIN and os.environ.get("LORABOX_DIRECT_IO", "1") != "0"
+            self._direct = open_direct(self._tmp, self.STAGE) if use else None
+            out = self._f if self._direct is None else self._direct
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+        except BaseException:
+            self._f.close()
+            discard(self._tmp)
+            raise
         self._next = 0
         self._synced = self._synced_before = 0  # see _flush_behind
 
@@ -270,15 +275,16 @@ class StreamWriter(AtomicWriter):
 
     def fill(self, placeholder: str, value: str) -> None:
         """Replace a metadata placeholder (same length) in the header already written."""
-        if len(placeholder) != len(value):
+        old, new = placeholder.encode(), value.encode()
+        if len(old) != len(new):
             raise ValueError("placeholder and value must have the same length")
-        at = self._header.index(placeholder.encode())
-        self._header = self._header[:at] + value.encode() + self._header[at + len(value):]
+        at = self._header.index(old)
+        self._header = self._header[:at] + new + self._header[at + len(new):]
         if self._direct is not None:
             return  # the header is written again, whole, once the direct writes are done
         self._f.flush()
         self._f.seek(8 + at)
-        self._f.write(value.encode())
+        self._f.write(new)
         self._f.seek(0, os.SEEK_END)
 
     def _finish(self) -> None:

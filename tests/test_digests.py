@@ -90,3 +90,18 @@ def test_small_files_and_files_changed_while_hashed_are_not_remembered(tmp_path,
     digests.remember(path, "0" * 64, before, os.stat(path))
     assert digests.known(os.stat(path)) is None
     assert digests.file_sha256(path) == _sha256(path) == digests.known(os.stat(path))
+
+
+def test_unhashed_bases_are_read_ahead_of_the_compute(files, tmp_path, monkeypatch):
+    """The hash reads each tensor's pages on the read-ahead thread; with the digest remembered, `_touch` must,
+    or the compute threads wait on the disk in page faults. Either way the output is the same."""
+    base, lora = files
+    touched = []
+    real = engine._touch
+    monkeypatch.setattr(engine, "_touch", lambda view: (touched.append(len(view)), real(view)))
+    merge(base, [(lora, 0.8)], tmp_path / "a.safetensors")
+    assert touched == []  # hashed: the hash reads every page
+    merge(base, [(lora, 0.8)], tmp_path / "b.safetensors")
+    n = len(read_tensors(base)[0])
+    assert len(touched) == n and sum(touched) >= os.path.getsize(base) - 8 - 65536
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

@@ -3,7 +3,7 @@
 A buffered write copies every byte into the page cache; the kernel then allocates, tracks, writes back and frees
 those pages. For a merge that writes 24 GB on a 2-core machine, that is CPU the merge itself needs (measured with
 `dd bs=16M` of 4.3 GB here: 3.24 s of system time and 6.2 s buffered, 0.36 s and 2.3 s direct). Here the bytes are
-staged in aligned buffers and written with O_DIRECT, one buffer on the disk while the next one fills.
+staged in aligned buffers and written with O_DIRECT, DEPTH buffers on the disk while the next one fills.
 
 `open_direct` returns None where O_DIRECT is missing or refused (macOS, tmpfs, some network filesystems); the
 caller then writes through the page cache as before. The file's last block is written whole and the file then
@@ -18,7 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 ALIGN = 4096  # O_DIRECT wants buffer addresses, file offsets and lengths aligned to the device's block size
-STAGE = 16 << 20  # bytes per write: one such buffer on the disk while the other fills
+STAGE = 16 << 20  # bytes per write
+DEPTH = 3  # writes in flight while the next buffer fills (FLUX.1 merges: 1 -> 3 saved 2.4-3.1 s in three pairs)
 
 
 def aligned(nbytes: int) -> np.ndarray:
@@ -60,14 +61,16 @@ class DirectFile:
     """Append-only O_DIRECT writer: `write` bytes, then `finish` (or `close` to abandon). Write errors (a full
     disk) are raised by the `write` or `finish` after them."""
 
-    def __init__(self, fd: int, stage: int = STAGE):
+    def __init__(self, fd: int, stage: int = STAGE, depth: int | None = None):
+        depth = DEPTH if depth is None else depth
         if stage <= 0 or stage % ALIGN:
             raise ValueError(f"stage must be a positive multiple of {ALIGN}")
         self._fd = fd
-        self._bufs = [aligned(stage), aligned(stage)]
+        self._bufs = [aligned(stage) for _ in range(depth + 1)]
         self._cur = self._fill = self._base = 0  # buffer being filled, bytes in it, its offset in the file
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lorabox-direct")
-        self._pending: Future | None = None
+        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="lorabox-direct")
+        self._pending: list[Future] = []  # oldest first
+        self._depth = depth
 
     def tell(self) -> int:
         return self._base + self._fill
@@ -84,16 +87,16 @@ class DirectFile:
                 self._submit(stage)
 
     def _submit(self, length: int) -> None:
-        self._wait()  # the buffer written before is the one filled next
-        self._pending = self._pool.submit(_pwrite_all, self._fd, self._bufs[self._cur][:length], self._base)
+        if len(self._pending) >= self._depth:  # the oldest write's buffer is the one filled next
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(_pwrite_all, self._fd, self._bufs[self._cur][:length], self._base))
         self._base += length
-        self._cur ^= 1
+        self._cur = (self._cur + 1) % len(self._bufs)
         self._fill = 0
 
     def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        while self._pending:
+            self._pending.pop(0).result()
 
     def finish(self) -> int:
         """Write what is staged, cut the file to the bytes written, close; returns the size."""

@@ -113,7 +113,7 @@ class DirectFile:
         return size
 
     def close(self) -> None:
-        """Stop: wait for the write on the disk (its error, if any, is dropped: the file is being abandoned)."""
+        """Stop: wait for the writes on the disk (their errors are dropped: the file is being abandoned)."""
         if self._fd < 0:
             return
         try:

@@ -88,7 +88,7 @@ def test_a_filesystem_that_refuses_direct_writes_gets_buffered_ones(tmp_path, mo
 
     def pwrite(fd, data, offset):
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")  # as tmpfs answers O_DIRECT writes
+            raise OSError(errno.EINVAL, "Invalid argument")  # as tmpfs before Linux 6.6 answers O_DIRECT
         return real(fd, data, offset)
 
     monkeypatch.setattr(direct.os, "pwrite", pwrite)

@@ -5,9 +5,9 @@ those pages. For a merge that writes 24 GB on a 2-core machine, that is CPU the 
 `dd bs=16M` of 4.3 GB here: 3.24 s of system time and 6.2 s buffered, 0.36 s and 2.3 s direct). Here the bytes are
 staged in aligned buffers and written with O_DIRECT, DEPTH buffers on the disk while the next one fills.
 
-`open_direct` returns None where O_DIRECT is missing or refused (macOS, tmpfs before Linux 6.6, some network filesystems); the
-caller then writes through the page cache as before. The file's last block is written whole and the file then
-truncated to its exact size; durability (fsync) stays the caller's.
+`open_direct` returns None where O_DIRECT is missing or refused (macOS, tmpfs before Linux 6.6, some network
+filesystems); the caller then writes through the page cache as before. The file's last block is written whole and
+the file then truncated to its exact size; durability (fsync) stays the caller's.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ Row chunks: numpy releases the GIL in its kernels, so plain threads scale on the
 cores this process may use; results never depend on the thread count (each chunk writes its own rows)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -29,12 +30,8 @@ def run_chunks(work: Callable[[int], None], starts: Iterable[int], threads: int 
         for s in starts:
             work(s)
         return
-    if pool is not None:
-        for _ in pool.map(work, starts):
-            pass
-        return
-    with ThreadPoolExecutor(min(threads, len(starts))) as own:
-        for _ in own.map(work, starts):
+    with contextlib.nullcontext(pool) if pool is not None else ThreadPoolExecutor(min(threads, len(starts))) as ex:
+        for _ in ex.map(work, starts):
             pass
 
 

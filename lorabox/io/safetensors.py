@@ -274,24 +274,18 @@ class StreamWriter(AtomicWriter):
         self._synced_before, self._synced = self._synced, pos
 
     def fill(self, placeholder: str, value: str) -> None:
-        """Replace a metadata placeholder (same length) in the header already written."""
+        """Replace a metadata placeholder with a value of the same length; the header is written again on close."""
         old, new = placeholder.encode(), value.encode()
         if len(old) != len(new):
             raise ValueError("placeholder and value must have the same length")
         at = self._header.index(old)
         self._header = self._header[:at] + new + self._header[at + len(new):]
-        if self._direct is not None:
-            return  # the header is written again, whole, once the direct writes are done
-        self._f.flush()
-        self._f.seek(8 + at)
-        self._f.write(new)
-        self._f.seek(0, os.SEEK_END)
 
     def _finish(self) -> None:
         if self._direct is not None:
             self._direct.finish()
-            os.pwrite(self._f.fileno(), self._header, 8)  # a buffered write after the direct ones: coherent
         self._f.flush()
+        os.pwrite(self._f.fileno(), self._header, 8)  # with filled placeholders (after direct writes: coherent)
         os.fsync(self._f.fileno())
         self._f.close()
 

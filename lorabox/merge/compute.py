@@ -381,4 +381,3 @@ class TorchCompute:
         fmt = torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2
         big = torch.finfo(fmt).max
         return f32.clamp(-big, big).to(fmt).view(torch.uint8).cpu().numpy()
-

@@ -144,22 +144,34 @@ class BufferPool:
         n = dtype.itemsize
         for s in shape:
             n *= s
+        return self._take(n, 1).view(dtype).reshape(shape)
+
+    def aligned(self, nbytes: int, align: int):
+        """A uint8 array of `nbytes` whose address is a multiple of `align` (for O_DIRECT reads)."""
+        return self._take(nbytes, align)
+
+    def _take(self, n: int, align: int):
+        import numpy as np
+
+        need = n + align - 1  # room to start at an aligned address
         if n < self._small:
-            return np.empty(shape, dtype)
-        with self._lock:
-            idle = [a for a in self._arrays if sys.getrefcount(a) <= 3]  # the list, `a` and getrefcount's argument
-            fits = [a for a in idle if a.nbytes >= n]
-            if fits:
-                buf = min(fits, key=lambda a: a.nbytes)
-            else:
-                buf = np.empty(n, np.uint8)
-                spare, drop = sum(a.nbytes for a in idle), set()
-                for a in sorted(idle, key=lambda a: a.nbytes):  # smallest idle arrays go first
-                    if spare <= self._keep:
-                        break
-                    drop.add(id(a))
-                    spare -= a.nbytes
-                self._arrays = [a for a in self._arrays if id(a) not in drop]
-                self._arrays.append(buf)
-            del idle, fits
-        return buf[:n].view(dtype).reshape(shape)
+            buf = np.empty(need, np.uint8)
+        else:
+            with self._lock:
+                idle = [a for a in self._arrays if sys.getrefcount(a) <= 3]  # the list, `a`, getrefcount's argument
+                fits = [a for a in idle if a.nbytes >= need]
+                if fits:
+                    buf = min(fits, key=lambda a: a.nbytes)
+                else:
+                    buf = np.empty(need, np.uint8)
+                    spare, drop = sum(a.nbytes for a in idle), set()
+                    for a in sorted(idle, key=lambda a: a.nbytes):  # smallest idle arrays go first
+                        if spare <= self._keep:
+                            break
+                        drop.add(id(a))
+                        spare -= a.nbytes
+                    self._arrays = [a for a in self._arrays if id(a) not in drop]
+                    self._arrays.append(buf)
+                del idle, fits
+        skip = -buf.ctypes.data % align
+        return buf[skip:skip + n]

@@ -169,8 +169,8 @@ def main():
                     "patched weights, the default for fp8)")
     ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
                     "(the default: CUDA when present), cpu, cuda")
-    ap.add_argument("--io", choices=["direct", "buffered"], default="direct", help="how the output is written: "
-                    "around the page cache where the filesystem allows (the default), or through it "
+    ap.add_argument("--io", choices=["direct", "buffered"], default="direct", help="how the base is read and the "
+                    "output written: around the page cache where the filesystem allows (the default), or through it "
                     "(LORABOX_DIRECT_IO=0)")
     args = ap.parse_args()
     if args.io == "buffered":
@@ -205,7 +205,7 @@ def main():
         t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
                             "--overwrite", "--json", "--device", device, "--dtype", args.dtype])
         timings.append((t_merge, rss))
-        print(f"lorabox merge (--device {device} --dtype {args.dtype}, {args.io} writes): {t_merge:.1f} s "
+        print(f"lorabox merge (--device {device} --dtype {args.dtype}, {args.io} I/O): {t_merge:.1f} s "
               f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
               f"ratio to copy {t_merge / t_copy:.2f}")
     if not args.check:

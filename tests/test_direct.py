@@ -1,16 +1,23 @@
-"""Writes around the page cache (lorabox/io/direct.py): the same bytes as buffered writes, whatever the staging size;
-a disk error on the write thread reaches the caller and leaves no file; filesystems that refuse O_DIRECT get
-buffered writes."""
+"""Reads and writes around the page cache (lorabox/io/direct.py). Writes: the same bytes as buffered writes,
+whatever the staging size; a disk error on the write thread reaches the caller and leaves no file; filesystems that
+refuse O_DIRECT get buffered writes. Reads: any byte range, and merges whose output and recorded digest are those of
+memory-mapped reads, whatever the read sizes, gaps or trailing bytes in the base."""
 import errno
 import fcntl
+import hashlib
+import json
 import os
+import struct
 
 import numpy as np
 import pytest
 
-from lorabox.io import direct
-from lorabox.io.safetensors import StreamWriter, read_tensors, write_tensors
+from lorabox.errors import InputFileError
+from lorabox.io import digests, direct
+from lorabox.io.safetensors import StreamWriter, read_header, read_tensors, write_tensors
+from lorabox.merge import engine
 from lorabox.merge.engine import merge
+from lorabox.parallel import BufferPool
 from lorabox.tensor import Tensor
 from tests.helpers import random_lora
 from tests.test_merge import flux_base, write_lora
@@ -26,7 +33,7 @@ def entries(seed=0, count=40):
 
 
 def write(path, ents, tensors, *, direct_io: bool, monkeypatch):
-    monkeypatch.setattr(StreamWriter, "DIRECT_MIN", 0 if direct_io else 1 << 62)
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0 if direct_io else 1 << 62)
     monkeypatch.setattr(StreamWriter, "STAGE", STAGE)
     with StreamWriter(path, ents, {"digest": "?" * 16}) as w:
         used = w._direct is not None
@@ -104,7 +111,7 @@ def test_a_merge_written_around_the_page_cache_is_the_same_file(tmp_path, monkey
     write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(9)))
     lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=10, every=2, text_encoders=False), "kohya")
     merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "buffered.safetensors")
-    monkeypatch.setattr(StreamWriter, "DIRECT_MIN", 0)
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
     monkeypatch.setattr(StreamWriter, "STAGE", STAGE)
     opened = []
     real_open = direct.open_direct
@@ -132,3 +139,125 @@ def test_a_disk_error_while_opening_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write(tmp_path / "o.safetensors", ents, tensors, direct_io=True, monkeypatch=monkeypatch)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- reads ---------------------------------------------------------------------------------------------------------
+def test_the_reader_returns_any_byte_range_and_refuses_one_past_the_end(tmp_path):
+    data = np.random.default_rng(6).integers(0, 256, 3 * direct.ALIGN + 123, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data.tobytes())
+    reader = direct.DirectReader(direct.open_read(path), BufferPool(small=0))
+    ranges = [(0, 0), (0, 1), (5, 4101), (4096, 8192), (4095, 4097), (100, len(data)), (len(data), len(data))]
+    futures = [reader.submit(a, b) for a, b in ranges]  # in flight together
+    for (a, b), f in zip(ranges, futures):
+        assert f.result().tobytes() == data[a:b].tobytes()
+    with pytest.raises(EOFError):
+        reader.submit(10, len(data) + 1).result()
+    reader.close()
+
+
+def test_the_pool_hands_out_aligned_buffers_and_reuses_free_ones():
+    pool = BufferPool(keep=1 << 30, small=0)
+    a = pool.aligned(10_000, direct.ALIGN)
+    assert a.ctypes.data % direct.ALIGN == 0 and a.nbytes == 10_000
+    address = a.ctypes.data
+    view = a[100:200].view(np.uint16)
+    del a
+    other = pool.aligned(9_000, direct.ALIGN)
+    assert other.ctypes.data != address  # a view still holds the first
+    del view
+    assert pool.aligned(9_000, direct.ALIGN).ctypes.data == address
+
+
+def with_gaps(src, dst, gap: int, tail: bytes):
+    """`src` re-laid with `gap` unused bytes before each tensor and `tail` after the last (safetensors readers
+    accept both; the digest must cover them)."""
+    header, metadata, start = read_header(src)
+    raw = open(src, "rb").read()
+    out, body = {"__metadata__": metadata} if metadata else {}, bytearray()
+    for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        b, f = e["data_offsets"]
+        body += bytes(range(gap))
+        out[name] = dict(e, data_offsets=[len(body), len(body) + f - b])
+        body += raw[start + b:start + f]
+    head = json.dumps(out).encode()
+    open(dst, "wb").write(struct.pack("<Q", len(head)) + head + bytes(body) + tail)
+
+
+def _recorded(out) -> str:
+    return json.loads(read_tensors(out)[1]["lorabox.merge"])["base"]["sha256"]
+
+
+@pytest.mark.parametrize("run, ahead, gap, tail", [(1, 0, 0, b""), (3000, 1 << 20, 7, b"trailing bytes"),
+                                                   (1 << 30, 1 << 30, 1, b"x")])
+def test_a_merge_read_around_the_page_cache_is_the_same_file(tmp_path, monkeypatch, run, ahead, gap, tail):
+    """Tensors grouped into reads of at least `run` bytes, `ahead` bytes of reads in flight: the output and the
+    digest recorded (first hashed, then remembered) are those of memory-mapped reads."""
+    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
+    write_tensors(tmp_path / "packed.safetensors", flux_base(np.random.default_rng(11)), {"note": "a base"})
+    base = tmp_path / "base.safetensors"
+    with_gaps(tmp_path / "packed.safetensors", base, gap, tail)
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=12, every=2, text_encoders=False), "kohya")
+    merge(base, [(lora, 0.8)], tmp_path / "mapped.safetensors")
+    digests.cache_file().unlink()
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    monkeypatch.setattr(engine, "RUN", run)
+    monkeypatch.setattr(engine, "DIRECT_AHEAD", ahead)
+    opened = []
+    real_open = direct.open_read
+    monkeypatch.setattr(direct, "open_read", lambda p: opened.append(real_open(p)) or opened[-1])
+    touched = []
+    monkeypatch.setattr(engine, "_touch", touched.append)
+    merge(base, [(lora, 0.8)], tmp_path / "hashed.safetensors")
+    merge(base, [(lora, 0.8)], tmp_path / "remembered.safetensors")
+    assert len(opened) == 2 and None not in opened and not touched  # read directly: nothing mapped to touch
+    want = (tmp_path / "mapped.safetensors").read_bytes()
+    assert _recorded(tmp_path / "mapped.safetensors") == hashlib.sha256(base.read_bytes()).hexdigest()
+    assert (tmp_path / "hashed.safetensors").read_bytes() == want
+    assert (tmp_path / "remembered.safetensors").read_bytes() == want
+
+
+def test_a_filesystem_that_refuses_direct_reads_gets_mapped_ones(tmp_path, monkeypatch):
+    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(13)))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=14, every=3, text_encoders=False), "kohya")
+    merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "a.safetensors")
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    monkeypatch.setattr(direct, "open_direct", lambda *a: None)  # writes buffered: only reads are refused here
+
+    def preadv(*_):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(direct.os, "preadv", preadv)
+    assert direct.open_read(tmp_path / "base.safetensors") is None
+    merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_base_cut_short_while_merging_is_reported_and_leaves_no_file(tmp_path, monkeypatch, checked):
+    """Cut after its header was read: found before reading (`checked`), or by the read that meets the end."""
+    base = tmp_path / "base.safetensors"
+    write_tensors(base, flux_base(np.random.default_rng(15)))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=16, every=2, text_encoders=False), "kohya")
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    real_open = engine.open_base
+
+    def open_then_cut(path):
+        opened = real_open(path)
+        os.truncate(base, os.path.getsize(base) - 1000)
+        return opened
+
+    monkeypatch.setattr(engine, "open_base", open_then_cut)
+    if not checked:
+        monkeypatch.setattr(engine, "_check_size", lambda *a: None)
+    with pytest.raises(InputFileError, match="truncated"):
+        merge(base, [(lora, 1.0)], tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
+
+
+def test_tensors_that_share_bytes_are_refused(tmp_path):
+    head = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    (tmp_path / "f.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(12))
+    with pytest.raises(InputFileError, match="'a' and 'b' share bytes"):
+        read_header(tmp_path / "f.safetensors")

@@ -1,4 +1,4 @@
-"""Sequential writes that bypass the page cache (Linux O_DIRECT), for multi-gigabyte outputs.
+"""Sequential reads and writes that bypass the page cache (Linux O_DIRECT), for multi-gigabyte files.
 
 A buffered write copies every byte into the page cache; the kernel then allocates, tracks, writes back and frees
 those pages. For a merge that writes 24 GB on a 2-core machine, that is CPU the merge itself needs (measured with
@@ -20,6 +20,12 @@ import numpy as np
 ALIGN = 4096  # O_DIRECT wants buffer addresses, file offsets and lengths aligned to the device's block size
 STAGE = 16 << 20  # bytes per write
 DEPTH = 3  # writes in flight while the next buffer fills (FLUX.1 merges: 1 -> 3 saved 2.4-3.1 s in three pairs)
+DIRECT_MIN = 256 << 20  # files this big are read and written around the page cache; smaller ones are not worth it
+
+
+def wanted(nbytes: int) -> bool:
+    """Whether a file of `nbytes` should be read or written with O_DIRECT (`LORABOX_DIRECT_IO=0`: never)."""
+    return nbytes >= DIRECT_MIN and os.environ.get("LORABOX_DIRECT_IO", "1") != "0"
 
 
 def aligned(nbytes: int) -> np.ndarray:
@@ -124,3 +130,66 @@ class DirectFile:
             self._pool.shutdown(wait=True)
             os.close(self._fd)
             self._fd = -1
+
+
+# -- reads ---------------------------------------------------------------------------------------------------------
+READ_DEPTH = 2  # reads on the disk at once while the caller hashes and computes the ones before
+
+
+def open_read(path: str | os.PathLike) -> int | None:
+    """A file descriptor of `path` for O_DIRECT reads, or None where that is not possible (tried on one block)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return None
+    try:
+        os.preadv(fd, [aligned(ALIGN)], 0)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+    return fd
+
+
+class DirectReader:
+    """Byte ranges of a file read around the page cache, in order, READ_DEPTH at a time on background threads.
+
+    A buffered or memory-mapped read makes the kernel allocate, fill, map and later reclaim a page-cache page for
+    every 4 KB (`dd bs=16M` of a 23.8 GB file here: 11.0 s of system time and 22.6 s buffered, 0.8 s and 16.2 s
+    direct). Each range lands in an aligned buffer of `pool` (`parallel.BufferPool`), which hands it out again once
+    nothing holds a view of it, so the pages are not zeroed again either. `fd` is owned: `close` closes it."""
+
+    def __init__(self, fd: int, pool, depth: int = READ_DEPTH):
+        self._fd, self._pool = fd, pool
+        self._ex = ThreadPoolExecutor(depth, thread_name_prefix="lorabox-direct-read")
+
+    def submit(self, start: int, end: int) -> Future:
+        """Start reading bytes [start, end); the future's result is a uint8 array of them. A file shorter than
+        `end` raises EOFError there."""
+        lo = start - start % ALIGN
+        hi = -(-end // ALIGN) * ALIGN
+        buf = self._pool.aligned(hi - lo, ALIGN)
+        return self._ex.submit(self._read, buf, lo, start, end)
+
+    def _read(self, buf: np.ndarray, lo: int, start: int, end: int) -> np.ndarray:
+        view, got = memoryview(buf), 0
+        while lo + got < end:
+            want = min(len(view) - got, 1 << 30)  # Linux moves at most 2 GB per call
+            n = os.preadv(self._fd, [view[got:got + want]], lo + got)
+            got += n
+            if n < want:  # the end of the file
+                break
+        if lo + got < end:
+            raise EOFError(f"the file ends at byte {lo + got}, before byte {end}")
+        return buf[start - lo:end - lo]
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self._ex.shutdown(wait=True, cancel_futures=True)
+        os.close(self._fd)
+        self._fd = -1

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, OutputError
+from . import direct
 from .direct import STAGE, open_direct
 from .files import AtomicWriter, commit, discard, temporary_beside
 from ..tensor import Tensor, storage_dtype
@@ -69,6 +70,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str], int]:
         if stop - begin != count * width or begin > stop:
             raise InputFileError(f"{path}: tensor {name!r} has {stop - begin} bytes for shape {entry['shape']}.")
         end = max(end, stop)
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items())
+    for (_, stop, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < stop:
+            raise InputFileError(f"{path}: tensors {a!r} and {b!r} share bytes, which safetensors forbids: corrupt "
+                                 f"file.", hint="Download it again, or re-save it with the safetensors library.")
     if 8 + n + end > size:
         raise InputFileError(f"{path}: tensors need {8 + n + end} bytes but the file has {size}: truncated.",
                              hint="Download it again.")
@@ -205,9 +211,9 @@ class StreamWriter(AtomicWriter):
     Metadata values may hold placeholders (`reserve`) that are overwritten in place at the end with a value of
     the same length, e.g. a digest computed while streaming.
 
-    Outputs of DIRECT_MIN bytes or more go around the page cache (O_DIRECT, `io/direct.py`) where the filesystem
-    allows it (`LORABOX_DIRECT_IO=0` turns that off); otherwise, or for smaller files, writes are buffered and
-    written back every WRITEBACK bytes.
+    Outputs of `direct.DIRECT_MIN` bytes or more go around the page cache (O_DIRECT, `io/direct.py`) where the
+    filesystem allows it (`LORABOX_DIRECT_IO=0` turns that off); otherwise, or for smaller files, writes are
+    buffered and written back every WRITEBACK bytes.
     """
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
@@ -230,8 +236,7 @@ class StreamWriter(AtomicWriter):
         self._tmp = temporary_beside(self.path)
         self._f = open(self._tmp, "wb")
         try:
-            use = self.size >= self.DIRECT_MIN and os.environ.get("LORABOX_DIRECT_IO", "1") != "0"
-            self._direct = open_direct(self._tmp, self.STAGE) if use else None
+            self._direct = open_direct(self._tmp, self.STAGE) if direct.wanted(self.size) else None
             out = self._f if self._direct is None else self._direct
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
@@ -242,7 +247,6 @@ class StreamWriter(AtomicWriter):
         self._next = 0
         self._synced = self._synced_before = 0  # see _flush_behind
 
-    DIRECT_MIN = 256 << 20  # outputs this big bypass the page cache (io/direct.py); smaller ones are not worth it
     STAGE = STAGE
 
     def write(self, name: str, t: Tensor) -> None:

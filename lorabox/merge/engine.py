@@ -4,6 +4,7 @@ computed, the previous one written), LoRA deltas are added in float64 row blocks
 tensors whatever the checkpoint size; the output is atomic and carries a `lorabox.merge` record."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -20,9 +21,9 @@ import numpy as np
 from .. import __version__
 from ..conversion import load_lora
 from ..errors import InputFileError, OutputError, UnknownArchitecture
-from ..io import digests
+from ..io import digests, direct
 from ..io.safetensors import StreamWriter, same_file
-from ..parallel import Behind, prefetch
+from ..parallel import Behind, BufferPool, prefetch
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
@@ -314,36 +315,43 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
         metadata.pop("_quantization_metadata", None)
     metadata["lorabox.merge"] = json.dumps(rec, sort_keys=True)
     fd = os.open(shard.path, os.O_RDONLY)
+    reader = None
     try:
         before = os.fstat(fd)
         digest = digests.known(before)  # a base merged before: its digest is remembered (io/digests.py)
         hasher = None if digest else hashlib.sha256()
+        rfd = direct.open_read(shard.path) if direct.wanted(before.st_size) else None
+        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=READ_AHEAD))
         with StreamWriter(path, entries, metadata) as writer:
-            _stream(shard, fd, hasher, plan, dtype, rounding, scaled, writer, report, tick, compute)
+            _stream(shard, fd, hasher, reader, plan, dtype, rounding, scaled, writer, report, tick, compute)
             if hasher is not None:
                 digest = hasher.hexdigest()
                 digests.remember(shard.path, digest, before, os.fstat(fd))
             writer.fill(PENDING, digest)
             size = writer.size
     finally:
+        if reader is not None:
+            reader.close()
         os.close(fd)
     return size
 
 
-def _read_in_order(shard: Shard, fd: int, hasher):
+def _read_in_order(shard: Shard, fd: int, hasher, reader: direct.DirectReader | None = None):
     """A generator of (info, Tensor) in file order that also hashes every byte of the file (unless `hasher` is
-    None: a digest already known).
+    None: a digest already known). With a `reader` the bytes are read around the page cache (`_read_direct`).
 
-    Each tensor is a read-only memory map of its own byte range: the kernel maps page-cache pages instead of
-    copying them into fresh, zero-filled buffers (that copy and those page faults doubled the system time of a
-    24 GB merge). The map is released when the last array over it is gone (once written), so resident memory
-    stays at the tensors in flight."""
+    Otherwise each tensor is a read-only memory map of its own byte range: the kernel maps page-cache pages
+    instead of copying them into fresh, zero-filled buffers (that copy and those page faults doubled the system
+    time of a 24 GB merge). The map is released when the last array over it is gone (once written), so resident
+    memory stays at the tensors in flight."""
 
     size, pos = os.fstat(fd).st_size, 0
+    _check_size(shard, size)
+    if reader is not None:
+        yield from _read_direct(shard, size, hasher, reader)
+        return
     for info in shard.tensors:
         end = info.offset + info.nbytes
-        if end > size:
-            raise InputFileError(f"{shard.path}: ends inside tensor {info.name!r}: truncated.", hint="Download it again.")
         start = pos - pos % mmap.ALLOCATIONGRANULARITY
         view = memoryview(mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start)) if end > start else b""
         if hasher is not None:
@@ -358,6 +366,53 @@ def _read_in_order(shard: Shard, fd: int, hasher):
         hasher.update(os.pread(fd, size - pos, pos))
 
 
+def _check_size(shard: Shard, size: int) -> None:
+    short = next((info for info in shard.tensors if info.offset + info.nbytes > size), None)
+    if short is not None:  # the file changed since its header was read
+        raise InputFileError(f"{shard.path}: ends inside tensor {short.name!r}: truncated.", hint="Download it again.")
+
+
+RUN = 16 << 20  # consecutive tensors read together, in reads of at least this many bytes
+DIRECT_AHEAD = 64 << 20  # bytes read ahead of the hash (at least one read)
+
+
+def _read_direct(shard: Shard, size: int, hasher, reader: direct.DirectReader):
+    """`_read_in_order` with O_DIRECT reads: consecutive tensors grouped into reads of RUN bytes or more (the
+    first holds the header, the last the bytes after the last tensor when hashing), DIRECT_AHEAD bytes of reads
+    on the disk while the one before is hashed. Each tensor is a view of its read's buffer."""
+    runs, start, group = [], 0, []
+    for info in shard.tensors:
+        group.append(info)
+        end = info.offset + info.nbytes
+        if end - start >= RUN:
+            runs.append((start, end, group))
+            start, group = end, []
+    end = group[-1].offset + group[-1].nbytes if group else start
+    if hasher is not None:
+        end = max(end, size)
+    if group or end > start:
+        runs.append((start, end, group))
+
+    pending, ahead, nxt = [], 0, 0
+    for start, end, group in runs:
+        while nxt < len(runs) and (not pending or ahead < DIRECT_AHEAD):
+            s, e, _ = runs[nxt]
+            pending.append(reader.submit(s, e))
+            ahead, nxt = ahead + e - s, nxt + 1
+        try:
+            buf = pending.pop(0).result()
+        except EOFError as exc:
+            raise InputFileError(f"{shard.path}: {exc}: truncated while being read.", hint="Download it again.") from None
+        ahead -= end - start
+        if hasher is not None:
+            hasher.update(buf)
+        for info in group:
+            at = info.offset - start
+            arr = buf[at:at + info.nbytes].view(storage_dtype(info.dtype)).reshape(info.shape)
+            yield info, Tensor(arr, info.dtype)
+        del buf
+
+
 def _touch(view) -> None:
     """Read one byte of every page of a mapped tensor, on the read-ahead thread. Without the hash doing it (a digest
     remembered), the compute threads met the disk in page faults and waited there: FLUX.1 merges again took
@@ -369,12 +424,13 @@ def _touch(view) -> None:
 READ_AHEAD = WRITE_BEHIND = 192 << 20  # bytes of base tensors read ahead / outputs waiting to be written
 
 
-def _stream(shard: Shard, fd: int, hasher, plan: Plan, dtype: str, rounding: str, scaled: ScaledPlan,
+def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, rounding: str, scaled: ScaledPlan,
             writer: StreamWriter, report: MergeReport, tick, compute):
     """Read ahead, compute, write behind, each on its own thread, with bounded bytes in flight: tensor sizes vary
     by 1000x, so one-tensor hand-offs left the compute waiting on the disk and the disk on the compute."""
-    reads = prefetch(_read_in_order(shard, fd, hasher), READ_AHEAD, lambda item: item[0].nbytes)
-    with Behind(lambda job: _write(writer, *job, tick), WRITE_BEHIND) as behind:
+    reads = prefetch(_read_in_order(shard, fd, hasher, reader), READ_AHEAD, lambda item: item[0].nbytes)
+    # closing: on an error the read-ahead thread stops here, before the caller closes the files it reads
+    with contextlib.closing(reads), Behind(lambda job: _write(writer, *job, tick), WRITE_BEHIND) as behind:
         for info, t in reads:
             if info.name in scaled.skip:
                 tick(info.nbytes)

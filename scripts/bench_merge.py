@@ -10,7 +10,7 @@ of the same file in the same run, for each `--device` given, then once more with
 the first merge (the next LoRA on the same base). `--dtype fp8_e4m3fn` times an fp8 output instead.
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
-    .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench   # needs ~50 GB free
+    .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench --keep   # needs ~50 GB free
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha and diffusers
     .venv/bin/python scripts/bench_merge.py --model sdxl --peer --check --subset 'input_blocks\.4\.'   # quick
 
@@ -162,6 +162,9 @@ def main():
     ap.add_argument("--model", choices=["sdxl", "flux1"], default="sdxl")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--dir", default="/tmp/lorabox-bench")
+    ap.add_argument("--keep", action="store_true", default=os.environ.get("KEEP") == "1",
+                    help="keep the base and LoRA written in --dir (and the digest cache) for the next run; without "
+                         "it the files this run wrote are removed at the end (KEEP=1 also keeps them)")
     ap.add_argument("--peer", action="store_true", help="also run diffusers' and sd-mecha's merges (SDXL only)")
     ap.add_argument("--subset", metavar="REGEX", help="keep only the checkpoint keys this regex finds (a quick run)")
     ap.add_argument("--check", action="store_true", help="with --peer: compare sd-mecha's merge with lorabox's")
@@ -176,6 +179,7 @@ def main():
     if args.io == "buffered":
         os.environ["LORABOX_DIRECT_IO"] = "0"
     d = Path(args.dir)
+    made_dir = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
     keys, modules = layout(args.model)
     if args.subset:
@@ -184,8 +188,11 @@ def main():
     base, lora, copy, out = d / f"{args.model}.safetensors", d / "lora.safetensors", d / "copy.safetensors", d / "out.safetensors"
     params = sum(int(np.prod(s)) for s, _ in keys.values())
     t = time.perf_counter()
+    made = [lora, copy, out, d / "cache", d / "merged_sdmecha.safetensors", d / "unet", d / "merged_lorabox",
+            d / "merged_diffusers"]  # removed at the end, with the base if this run wrote it (unless --keep)
     if not base.exists():
         write_base(base, keys)
+        made.append(base)
     print(f"{args.model}: {len(keys)} tensors, {params / 1e9:.2f} B params, {base.stat().st_size / 1e9:.1f} GB "
           f"(written in {time.perf_counter() - t:.0f} s)")
     write_lora(lora, modules, args.rank)
@@ -215,8 +222,11 @@ def main():
     out.unlink(missing_ok=True)
     if args.peer and args.model == "sdxl" and not args.subset:
         peer_diffusers(d, lora)
-    if os.environ.get("KEEP") != "1":
-        shutil.rmtree(d)
+    if not args.keep:  # only what this run wrote: --dir may hold other files
+        for p in made:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if made_dir and not any(d.iterdir()):
+            d.rmdir()
 
 
 def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_lb: float, rss_lb: float) -> None:

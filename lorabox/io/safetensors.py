@@ -97,6 +97,23 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, 
     return tensors, metadata
 
 
+def release(arrays) -> None:
+    """Let the kernel take back this process's pages of tensors that `read_tensors` mapped (a LoRA's factors once
+    merged): they stop counting in its resident memory, and are read again from the file (or the page cache) if
+    touched again. Arrays that are not views of a map are left alone."""
+    for arr in arrays:
+        while isinstance(arr.base, np.ndarray):
+            arr = arr.base
+        view = arr.base
+        if not isinstance(view, memoryview) or not isinstance(view.obj, mmap.mmap) or not arr.nbytes:
+            continue
+        start = arr.ctypes.data - np.frombuffer(view, np.uint8, count=1).ctypes.data
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        hi = (start + arr.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo and hasattr(view.obj, "madvise"):
+            view.obj.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     a, b = Path(a), Path(b)
     if a.resolve() == b.resolve():

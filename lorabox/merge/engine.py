@@ -22,7 +22,7 @@ from .. import __version__
 from ..conversion import load_lora
 from ..errors import InputFileError, OutputError, UnknownArchitecture
 from ..io import digests, direct
-from ..io.safetensors import StreamWriter, same_file
+from ..io.safetensors import StreamWriter, release, same_file
 from ..parallel import Behind, BufferPool, prefetch
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
@@ -321,7 +321,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
         digest = digests.known(before)  # a base merged before: its digest is remembered (io/digests.py)
         hasher = None if digest else hashlib.sha256()
         rfd = direct.open_read(shard.path) if direct.wanted(before.st_size) else None
-        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=READ_AHEAD))
+        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=READ_KEEP))
         with StreamWriter(path, entries, metadata) as writer:
             _stream(shard, fd, hasher, reader, plan, dtype, rounding, scaled, writer, report, tick, compute)
             if hasher is not None:
@@ -374,6 +374,7 @@ def _check_size(shard: Shard, size: int) -> None:
 
 RUN = 16 << 20  # consecutive tensors read together, in reads of at least this many bytes
 DIRECT_AHEAD = 64 << 20  # bytes read ahead of the hash (at least one read)
+READ_KEEP = 64 << 20  # idle read buffers kept for reuse (192 MB: no faster, 0.1 GiB more peak RSS)
 
 
 def _read_direct(shard: Shard, size: int, hasher, reader: direct.DirectReader):
@@ -428,7 +429,8 @@ def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, round
             writer: StreamWriter, report: MergeReport, tick, compute):
     """Read ahead, compute, write behind, each on its own thread, with bounded bytes in flight: tensor sizes vary
     by 1000x, so one-tensor hand-offs left the compute waiting on the disk and the disk on the compute."""
-    reads = prefetch(_read_in_order(shard, fd, hasher, reader), READ_AHEAD, lambda item: item[0].nbytes)
+    ahead = READ_AHEAD if reader is None else READ_AHEAD - DIRECT_AHEAD  # the reads in flight count too
+    reads = prefetch(_read_in_order(shard, fd, hasher, reader), ahead, lambda item: item[0].nbytes)
     # closing: on an error the read-ahead thread stops here, before the caller closes the files it reads
     with contextlib.closing(reads), Behind(lambda job: _write(writer, *job, tick), WRITE_BEHIND) as behind:
         for info, t in reads:
@@ -446,6 +448,7 @@ def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, round
                 outs = [(info.name, compute.process(info, t, patches, target, rounding))]
             report.tensors += 1
             report.merged += bool(patches)
+            release(t.array for p in patches for t in p.adapter.tensors.values())  # merged: a LoRA's pages go
             behind.put((outs, info.nbytes), sum(out.array.nbytes for _, out in outs))
     if scaled.marker:
         from ..quant.fp8 import scaled_fp8_marker

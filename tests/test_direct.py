@@ -142,6 +142,19 @@ def test_a_disk_error_while_opening_leaves_no_file(tmp_path, monkeypatch):
 
 
 # -- reads ---------------------------------------------------------------------------------------------------------
+def read_directly(monkeypatch):
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    monkeypatch.setattr(direct, "CACHE_SHARE", 0)  # test files are far smaller than the RAM
+
+
+def test_only_files_the_page_cache_cannot_keep_are_read_directly(monkeypatch):
+    monkeypatch.setattr(direct, "_ram", lambda: 24 << 30)
+    assert not direct.wanted_for_reading(5 << 30)  # an SDXL base: the next merge finds it in memory
+    assert direct.wanted_for_reading(23 << 30)  # FLUX.1: more than half the RAM
+    monkeypatch.setenv("LORABOX_DIRECT_IO", "0")
+    assert not direct.wanted_for_reading(23 << 30)
+
+
 def test_the_reader_returns_any_byte_range_and_refuses_one_past_the_end(tmp_path):
     data = np.random.default_rng(6).integers(0, 256, 3 * direct.ALIGN + 123, dtype=np.uint8)
     path = tmp_path / "f.bin"
@@ -200,7 +213,7 @@ def test_a_merge_read_around_the_page_cache_is_the_same_file(tmp_path, monkeypat
     lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=12, every=2, text_encoders=False), "kohya")
     merge(base, [(lora, 0.8)], tmp_path / "mapped.safetensors")
     digests.cache_file().unlink()
-    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    read_directly(monkeypatch)
     monkeypatch.setattr(engine, "RUN", run)
     monkeypatch.setattr(engine, "DIRECT_AHEAD", ahead)
     opened = []
@@ -221,7 +234,7 @@ def test_a_filesystem_that_refuses_direct_reads_gets_mapped_ones(tmp_path, monke
     write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(13)))
     lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=14, every=3, text_encoders=False), "kohya")
     merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "a.safetensors")
-    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    read_directly(monkeypatch)
     monkeypatch.setattr(direct, "open_direct", lambda *a: None)  # writes buffered: only reads are refused here
 
     def preadv(*_):
@@ -239,7 +252,7 @@ def test_a_base_cut_short_while_merging_is_reported_and_leaves_no_file(tmp_path,
     base = tmp_path / "base.safetensors"
     write_tensors(base, flux_base(np.random.default_rng(15)))
     lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=16, every=2, text_encoders=False), "kohya")
-    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    read_directly(monkeypatch)
     real_open = engine.open_base
 
     def open_then_cut(path):

@@ -23,9 +23,26 @@ DEPTH = 3  # writes in flight while the next buffer fills (FLUX.1 merges: 1 -> 3
 DIRECT_MIN = 256 << 20  # files this big are read and written around the page cache; smaller ones are not worth it
 
 
+CACHE_SHARE = 0.5  # files up to this share of the RAM are read through the page cache, which keeps them
+
+
 def wanted(nbytes: int) -> bool:
-    """Whether a file of `nbytes` should be read or written with O_DIRECT (`LORABOX_DIRECT_IO=0`: never)."""
+    """Whether a file of `nbytes` should be written with O_DIRECT (`LORABOX_DIRECT_IO=0`: never)."""
     return nbytes >= DIRECT_MIN and os.environ.get("LORABOX_DIRECT_IO", "1") != "0"
+
+
+def wanted_for_reading(nbytes: int) -> bool:
+    """Whether a file of `nbytes` should be read with O_DIRECT: only one too big for the page cache to keep for the
+    next run (over CACHE_SHARE of the RAM). A smaller one, like a 5 GB SDXL base on this 24 GiB machine, is read
+    again from memory by the next merge (10.8-11.3 s, against 11.7-12.9 s read from the disk each time)."""
+    return wanted(nbytes) and nbytes > CACHE_SHARE * _ram()
+
+
+def _ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def aligned(nbytes: int) -> np.ndarray:

@@ -8,6 +8,9 @@ staged in aligned buffers and written with O_DIRECT, DEPTH buffers on the disk w
 `open_direct` returns None where O_DIRECT is missing or refused (macOS, tmpfs before Linux 6.6, some network
 filesystems); the caller then writes through the page cache as before. The file's last block is written whole and
 the file then truncated to its exact size; durability (fsync) stays the caller's.
+
+Reads (`open_read`, `DirectReader`) go around the page cache only for files too big for it to keep; a smaller file
+is better read through it, where the next run finds it.
 """
 from __future__ import annotations
 
@@ -20,9 +23,7 @@ import numpy as np
 ALIGN = 4096  # O_DIRECT wants buffer addresses, file offsets and lengths aligned to the device's block size
 STAGE = 16 << 20  # bytes per write
 DEPTH = 3  # writes in flight while the next buffer fills (FLUX.1 merges: 1 -> 3 saved 2.4-3.1 s in three pairs)
-DIRECT_MIN = 256 << 20  # files this big are read and written around the page cache; smaller ones are not worth it
-
-
+DIRECT_MIN = 256 << 20  # smaller files are not worth it
 CACHE_SHARE = 0.5  # files up to this share of the RAM are read through the page cache, which keeps them
 
 
@@ -54,21 +55,28 @@ def aligned(nbytes: int) -> np.ndarray:
 
 def open_direct(path: str | os.PathLike, stage: int = STAGE) -> DirectFile | None:
     """`path` (an existing, empty file) opened for O_DIRECT writes, or None where that is not possible."""
+    fd = _open_tried(path, os.O_WRONLY, lambda fd: os.pwrite(fd, aligned(ALIGN), 0))  # (overwritten later)
+    return None if fd is None else DirectFile(fd, stage)
+
+
+def _open_tried(path: str | os.PathLike, mode: int, probe) -> int | None:
+    """`path` opened with O_DIRECT, or None where the flag is missing or refused. Filesystems may accept the flag
+    and refuse the I/O, so `probe(fd)` tries one block first."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        fd = os.open(path, os.O_WRONLY | flag)
+        fd = os.open(path, mode | flag)
     except OSError:
         return None
-    try:  # filesystems may accept the flag and refuse the I/O: try one block (overwritten later)
-        os.pwrite(fd, aligned(ALIGN), 0)
+    try:
+        probe(fd)
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return None
         raise
-    return DirectFile(fd, stage)
+    return fd
 
 
 def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -154,22 +162,8 @@ READ_DEPTH = 2  # reads on the disk at once while the caller hashes and computes
 
 
 def open_read(path: str | os.PathLike) -> int | None:
-    """A file descriptor of `path` for O_DIRECT reads, or None where that is not possible (tried on one block)."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | flag)
-    except OSError:
-        return None
-    try:
-        os.preadv(fd, [aligned(ALIGN)], 0)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return None
-        raise
-    return fd
+    """A file descriptor of `path` for O_DIRECT reads, or None where that is not possible."""
+    return _open_tried(path, os.O_RDONLY, lambda fd: os.preadv(fd, [aligned(ALIGN)], 0))
 
 
 class DirectReader:

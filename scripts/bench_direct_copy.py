@@ -34,18 +34,9 @@ def direct_copy(src: Path, dst: Path, run: int, read_depth: int, ahead: int, wri
     reader = direct.DirectReader(fd, BufferPool(keep=engine.READ_KEEP), depth=read_depth)
     dst.touch()
     out = direct.DirectFile(os.open(dst, os.O_WRONLY | os.O_DIRECT), stage, write_depth)
-    runs = [(s, min(size, s + run)) for s in range(0, size, run)]
-    pending, nxt, in_flight = [], 0, 0
     try:
-        for s, e in runs:
-            while nxt < len(runs) and (not pending or in_flight < ahead):
-                pending.append(reader.submit(*runs[nxt]))
-                in_flight += runs[nxt][1] - runs[nxt][0]
-                nxt += 1
-            buf = pending.pop(0).result()
-            in_flight -= e - s
+        for buf in reader.read_in_order([(s, min(size, s + run)) for s in range(0, size, run)], ahead):
             out.write(buf)
-            del buf
         out.finish()
     finally:
         out.close()
@@ -64,6 +55,8 @@ def main() -> None:
     ap.add_argument("--write-depth", type=int, default=direct.DEPTH)
     ap.add_argument("--stage-mb", type=int, default=direct.STAGE >> 20)
     args = ap.parse_args()
+    if not args.file.is_file():
+        raise SystemExit(f"{args.file}: no such file. Give a large file, e.g. a base written by bench_merge.py --keep.")
     dst = args.file.with_name(args.file.name + ".copy")
     t = time.perf_counter()
     subprocess.run(["sh", "-c", f"cp '{args.file}' '{dst}' && sync '{dst}'"], check=True)

@@ -186,6 +186,18 @@ class DirectReader:
         buf = self._pool.aligned(hi - lo, ALIGN)
         return self._ex.submit(self._read, buf, lo, start, end)
 
+    def read_in_order(self, ranges: list[tuple[int, int]], ahead: int):
+        """The bytes of each (start, end) of `ranges`, in order, each read started up to `ahead` bytes (and at
+        least one read) before it is needed."""
+        pending, queued, nxt = [], 0, 0
+        for start, end in ranges:
+            while nxt < len(ranges) and (not pending or queued < ahead):
+                pending.append(self.submit(*ranges[nxt]))
+                queued += ranges[nxt][1] - ranges[nxt][0]
+                nxt += 1
+            queued -= end - start
+            yield pending.pop(0).result()
+
     def _read(self, buf: np.ndarray, lo: int, start: int, end: int) -> np.ndarray:
         view, got = memoryview(buf), 0
         while lo + got < end:

@@ -1,6 +1,8 @@
 """Where a merged tensor is computed: `NumpyCompute` on the CPU (row blocks on every core) or `TorchCompute` on
-a CUDA device. Both give the same bytes: W + sum(ratio * scale * delta) in float64, in the definition's order,
-rounded once the way torch's `.to(dtype)` rounds a float64 tensor (to float32, then to the output dtype).
+a CUDA device. Both compute W + sum(ratio * scale * delta) in float64 and round it once the way torch's
+`.to(dtype)` rounds a float64 tensor (to float32, then to the output dtype); in the definition's order, so the same
+bytes, except where the CPU path's torch kernels fold the multipliers into the product for 16-bit and fp8 outputs
+(`NumpyCompute._lora_tile`: the same rounded value but on exact ties, about one element in 1e6).
 
 `make_compute(device)` picks one; `--device cpu` is always the numpy path, which the test suite covers and
 against which the torch path is checked byte for byte (run on torch's CPU device where no GPU is present).
@@ -8,6 +10,8 @@ against which the torch path is checked byte for byte (run on torch's CPU device
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ from ..tensor import Tensor, storage_dtype
 from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude, multipliers
 
 FP8 = ("F8_E4M3", "F8_E5M2")
+FUSED = ("BF16", "F16")  # outputs (besides fp8) whose tiles may fold the multipliers into the product: _lora_tile
 BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
 TILE_COLS = 4096
 FP8_STEP = 1 << 24  # elements per device step of the stochastic fp8 rounding (int64 temporaries: 128 MB each)
@@ -98,9 +103,11 @@ class NumpyCompute:
     """The CPU path: float64 tiles of about BLOCK_BYTES, spread over the CPUs this process may use. With torch
     installed (`kernels="auto"`) a single LoRA on a whole weight (the common case) runs on torch's CPU kernels: the
     products on its BLAS (MKL), the elementwise tail (W + delta, then the rounding) on its vectorised casts, written
-    straight into the output. Everything else, and every tensor of a core install, runs on numpy. The bytes are the
-    same either way (tested): products of bf16/fp16 factors are exact in float64, and so are their sums unless the
-    factors span more than about 2^30, so the BLAS's summation order does not show in the rounded output."""
+    straight into the output. Everything else, and every tensor of a core install, runs on numpy. For float32 and
+    float64 outputs the bytes are the same either way (tested): products of bf16/fp16 factors are exact in float64,
+    and so are their sums unless the factors span more than about 2^30, so the BLAS's summation order does not show
+    in the rounded output. For 16-bit and fp8 outputs the tiles fold the multipliers into the product, which
+    differs on exact rounding ties only (see `_lora_tile`)."""
 
     name = "cpu"
 
@@ -108,6 +115,7 @@ class NumpyCompute:
         self.threads = cpus() if threads is None else threads
         self.buffers = BufferPool()
         self.pool = None  # worker threads, during a session
+        self._tile_buffers = threading.local()  # one float64 tile buffer per worker thread
         self.torch = _cpu_torch() if kernels in ("auto", "torch") else None
         if kernels == "torch" and self.torch is None:
             raise OutputError("the torch CPU kernels need torch.", hint="pip install 'lorabox[torch]'.")
@@ -137,13 +145,16 @@ class NumpyCompute:
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
         if dtype in FP8:
-            f32 = t.values32() if not patches else self.process(info, t, patches, "F32").array
+            f32 = t.values32() if not patches else self._patched(info, t, patches, "F32", fused=True)
             return round_fp8_merged(info.name, f32, dtype, rounding, bool(patches), self.threads, self.pool)
         if not patches:
             return t if dtype == t.dtype else Tensor(self._round(t.values(), dtype), dtype)
+        return Tensor(self._patched(info, t, patches, dtype, fused=dtype in FUSED), dtype)
+
+    def _patched(self, info, t: Tensor, patches: list, dtype: str, fused: bool) -> np.ndarray:
         if info.name.endswith(".bias") or t.ndim == 1:
-            return Tensor(self._round(apply_bias(t.values(), patches), dtype), dtype)
-        return Tensor(self._rows(t, patches, dtype), dtype)
+            return self._round(apply_bias(t.values(), patches), dtype)
+        return self._rows(t, patches, dtype, fused)
 
     def _round(self, w64: np.ndarray, dtype: str) -> np.ndarray:
         """float64 -> dtype as torch's `.to(dtype)` rounds (through float32)."""
@@ -152,7 +163,7 @@ class NumpyCompute:
         torch = self.torch
         return _from_torch(torch, torch.from_numpy(np.ascontiguousarray(w64)).to(_torch_dtype(torch, dtype)), dtype)
 
-    def _rows(self, t: Tensor, patches: list, dtype: str) -> np.ndarray:
+    def _rows(self, t: Tensor, patches: list, dtype: str, fused: bool = False) -> np.ndarray:
         rows = t.shape[0]
         step = max(1, BLOCK_BYTES // max(1, int(np.prod(t.shape[1:])) * 8))
         out = self.buffers.empty(t.shape, storage_dtype(dtype))
@@ -166,7 +177,7 @@ class NumpyCompute:
         torch = self.torch if t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS else None
         if simple and torch is not None:
             tiles = _tiles(rows, int(np.prod(t.shape[1:])))
-            run_chunks(self._lora_tile(t, a, p.ratio, cache, out, dtype), tiles, self.threads, self.pool)
+            run_chunks(self._lora_tile(t, a, p.ratio, cache, out, dtype, fused), tiles, self.threads, self.pool)
             return out
         if simple:
             block = self._lora_blocks_numpy(t, a, p.ratio, cache, out, dtype, step)
@@ -178,24 +189,46 @@ class NumpyCompute:
         run_chunks(block, range(0, rows, step), self.threads, self.pool)
         return out
 
-    def _lora_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, dtype: str):
-        """One LoRA on a whole weight, on torch's CPU kernels, by (rows, columns) tile: up@down into float64 (BLAS),
-        the ratio*scale multiplies, W added, and torch's rounding written straight into the output."""
+    def _lora_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, dtype: str,
+                   fused: bool):
+        """One LoRA on a whole weight, on torch's CPU kernels, by (rows, columns) tile into a float64 buffer kept
+        per worker thread, then torch's rounding written straight into the output.
+
+        `fused`: W is widened into the buffer and one BLAS call adds ratio*scale * up@down to it (addmm, beta=1):
+        no separate passes for the multiplies and the add, and no zero-fill of the product (measured on a
+        3072x12288 weight, one thread: 5.7 -> 4.4 ns per element at rank 64, 3.5 -> 2.5 at rank 32). MKL folds the
+        multiplier into `up` and adds the products into W one by one, so the float64 sum may differ from the
+        definition's order (up@down, times scale, times ratio, plus W) in its last bits. That shows after the
+        rounding only where the value sits on a tie of both roundings (float32, then the output's): bf16 factors
+        with a ratio such as 0.8 put values exactly on float32 ties, and then about one element in 1e7 (bf16) or
+        2e6 (fp16) comes out one unit apart (scripts/bench_fused_ties.py). Both are the float64 value rounded once;
+        16-bit and fp8 outputs use this, float32 and float64 outputs keep the definition's order."""
         torch = self.torch
         rows = t.shape[0]
         down = torch.from_numpy(cache.down(a))
         up = a.tensors["up"].reshape(rows, -1)
         factors = multipliers(a.scale, ratio)
+        alpha = math.prod(factors)
         w_all = _to_torch(torch, t).reshape(rows, -1)
         out_all = _to_torch(torch, Tensor(out, dtype)).reshape(rows, -1)
+        local = self._tile_buffers
 
         def tile(rc: tuple[slice, slice]) -> None:
             rs, cs = rc
-            d = torch.mm(torch.from_numpy(up[rs].values()), down[:, cs])
-            for f in factors:
-                d *= f
             w = w_all[rs, cs]
-            d += w.float() if w.dtype == torch.float16 else w  # torch has no vectorised float16 -> float64 cast
+            buf = getattr(local, "buf", None)
+            if buf is None or buf.numel() < w.numel():
+                buf = local.buf = torch.empty(max(w.numel(), BLOCK_BYTES // 8), dtype=torch.float64)
+            d = buf[:w.numel()].view(w.shape)
+            u = torch.from_numpy(up[rs].values())
+            if fused:
+                d.copy_(w.float() if w.dtype == torch.float16 else w)  # torch has no vectorised float16 -> float64
+                d.addmm_(u, down[:, cs], alpha=alpha)
+            else:
+                torch.mm(u, down[:, cs], out=d)
+                for f in factors:
+                    d *= f
+                d += w.float() if w.dtype == torch.float16 else w
             out_all[rs, cs] = d  # float64 -> float32 -> dtype, as .to(dtype) rounds
 
         return tile

@@ -91,6 +91,7 @@ def test_numpy_path_does_not_depend_on_its_thread_count(tmp_path, monkeypatch, t
     if tile_cols:
         monkeypatch.setattr(compute, "TILE_COLS", tile_cols)
         monkeypatch.setattr(compute, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(compute, "TILE_BYTES", block_bytes)
         assert len({c.start for _, c in compute._tiles(64, 4096)}) == 5
     base = flux_base(np.random.default_rng(2), "F16", n_in=4096)  # several row blocks per weight
     write_tensors(tmp_path / "base.safetensors", base)

@@ -108,8 +108,7 @@ class NumpyCompute:
     numpy. For float32 and float64 outputs the bytes are the same either way (tested): products of bf16/fp16 factors
     are exact in float64, and so are their sums unless the factors span more than about 2^30, so the BLAS's summation
     order does not show in the rounded output. For 16-bit and fp8 outputs the tiles fold the multipliers into the
-    product, which
-    differs on exact rounding ties only (see `_lora_tile`)."""
+    product, which differs on exact rounding ties only (see `_lora_tile`)."""
 
     name = "cpu"
 

@@ -126,36 +126,37 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     if fp8_layout and (gguf_base or quant or base.folder):
         raise OutputError(f"--fp8-layout: ComfyUI scaled fp8 is written as one safetensors file from a "
                           f"safetensors checkpoint, not from {'a folder' if base and base.folder else 'GGUF'}.")
-    compute = compute or make_compute(device)
-    with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
-        read = [(_load_for(p, base, arch), float(r)) for p, r in loras]
-        record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
-                  "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": float(r)} for p, r in loras],
-                  "block_ratios": [[p, r] for p, r in block_ratios]}
-        report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
-        total = Path(base_path).stat().st_size if base is None else base.nbytes
-        done = 0
+    compute = compute or make_compute(device)  # the CPU path's torch is imported meanwhile (compute._cpu_torch)
+    read = [(_load_for(p, base, arch), float(r)) for p, r in loras]
+    record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
+              "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": float(r)} for p, r in loras],
+              "block_ratios": [[p, r] for p, r in block_ratios]}
+    report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
+    total = Path(base_path).stat().st_size if base is None else base.nbytes
+    done = 0
 
-        def tick(n):
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total)
+    def tick(n):
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
 
-        if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
-            record["base"] = {"file": Path(base_path).name, "sha256": digests.file_sha256(Path(base_path))}
-            kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
-                          report=report, tick=tick, process=compute.process)
+    if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
+        record["base"] = {"file": Path(base_path).name, "sha256": digests.file_sha256(Path(base_path))}
+        kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
+                      report=report, tick=tick, process=compute.process)
+        with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
             if gguf_base:
                 report.bytes_written = merge_gguf_base(Path(base_path), read, output, **kwargs)
             else:
                 report.bytes_written = merge_to_gguf(Path(base_path), read, output, quant, **kwargs)
-            report.seconds = time.perf_counter() - started
-            return report
-        plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
-        record.update(architecture=plan.architecture, layout=plan.layout, dropped=len(plan.dropped))
-        report.architecture, report.layout, report.dropped = plan.architecture, plan.layout, plan.dropped
-        _check_space(base, output, dtype)
+        report.seconds = time.perf_counter() - started
+        return report
+    plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
+    record.update(architecture=plan.architecture, layout=plan.layout, dropped=len(plan.dropped))
+    report.architecture, report.layout, report.dropped = plan.architecture, plan.layout, plan.dropped
+    _check_space(base, output, dtype)
+    with compute.session():
         if base.folder:
             tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
             try:
@@ -174,8 +175,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         else:
             report.bytes_written = _merge_shard(base.shards[0], plan, output, dtype, rounding, record, report, tick,
                                                compute, fp8_layout)
-        report.seconds = time.perf_counter() - started
-        return report
+    report.seconds = time.perf_counter() - started
+    return report
 
 
 @dataclass

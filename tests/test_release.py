@@ -44,3 +44,25 @@ def test_a_merge_releases_each_merged_adapter_and_writes_the_same_file(tmp_path,
     factors = Counter(t.array.nbytes for a in load_lora(lora).adapters.values() for t in a.tensors.values())
     assert factors and not factors - Counter(a.nbytes for a in released)  # every factor (and alpha), at least once
     assert (tmp_path / "kept.safetensors").read_bytes() == (tmp_path / "released.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("to_gguf", [False, True])
+def test_gguf_merges_release_each_merged_adapter(tmp_path, monkeypatch, to_gguf):
+    """Into a GGUF base (keeping its types), and from safetensors to GGUF (--quant): the same hand-back."""
+    from lorabox.merge import gguf_merge
+    from tests.test_merge_gguf import _gguf_base, _lora
+
+    rng = np.random.default_rng(19)
+    if to_gguf:
+        base = flux_base(rng, "BF16", n_in=256)
+        write_tensors(tmp_path / "base.safetensors", {"model.diffusion_model." + k: v for k, v in base.items()})
+        base_path, kw = tmp_path / "base.safetensors", {"quant": "Q8_0"}
+    else:
+        _gguf_base(tmp_path / "base.gguf", rng)
+        base_path, kw = tmp_path / "base.gguf", {}
+    _, lora = _lora(tmp_path)
+    released = []
+    monkeypatch.setattr(gguf_merge, "release", lambda arrays: release(released.extend(arrays) or released))
+    report = merge(base_path, [(lora, 0.7)], tmp_path / "out.gguf", **kw)
+    factors = Counter(t.array.nbytes for a in load_lora(lora).adapters.values() for t in a.tensors.values())
+    assert report.merged and factors and not factors - Counter(a.nbytes for a in released)

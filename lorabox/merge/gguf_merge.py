@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import OutputError, UnknownArchitecture
 from ..io.files import pread_exact
 from ..io.gguf import GGUFStreamWriter, encode, open_gguf, plan_qtypes
+from ..io.safetensors import release
 from ..tensor import Tensor, storage_dtype
 from .base import open_base
 from .plan import make_plan
@@ -49,6 +50,7 @@ def merge_gguf_base(base_path: Path, loras, output: Path, *, arch, block_ratios,
                 patches = plan.patches.get(t.name)
                 if patches:
                     merged = process(SimpleNamespace(name=t.name), Tensor(g.read(t), "F32"), patches, "F32")
+                    release(f.array for p in patches for f in p.adapter.tensors.values())  # as the engine does
                     w.write(t.name, encode(merged.array, t.qtype, t.stored_shape))
                 else:
                     w.write(t.name, g.read_raw(t))
@@ -85,6 +87,7 @@ def merge_to_gguf(base_path: Path, loras, output: Path, qtype: str, *, arch, blo
                 t = _pread(fd, info)
                 patches = plan.patches.get(info.name, [])
                 values = process(info, t, patches, "F32").array if patches else t.values32()
+                release(f.array for p in patches for f in p.adapter.tensors.values())
                 w.write(gname[info.name], encode(values, q, stored))
                 report.tensors += 1
                 report.merged += bool(patches)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorabox.conversion import convert
-from lorabox.errors import OutputError, UnknownArchitecture, UnmappedKeysError
+from lorabox.errors import OutputError, ShapeMismatch, UnknownArchitecture, UnmappedKeysError
 from lorabox.io.safetensors import read_tensors, write_tensors
 from lorabox.keymap import load_architecture
 from lorabox.merge.engine import merge
@@ -187,6 +187,21 @@ def test_wrong_architecture_unknown_targets_and_drop_unknown(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
     report = merge(tmp_path / "base.safetensors", [(with_te, 1.0)], tmp_path / "o.safetensors", drop_unknown=True)
     assert report.dropped and all(d.startswith(("clip_l:", "t5xxl:")) for d in report.dropped)
+
+
+@pytest.mark.parametrize("quant", [None, "Q8_0"])
+def test_a_lora_for_another_model_size_stops_before_writing(tmp_path, quant):
+    """Its factors are 16 inputs wide, the base's weights 64: one clear error before anything is written, from the
+    library and from the CLI (the torch tiles used to fail inside the product with a RuntimeError)."""
+    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(20), n_in=64))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=21, every=3, text_encoders=False), "kohya")
+    with pytest.raises(ShapeMismatch, match=r"delta is \d+ x 16, the base weight .* is \d+ x 64: a LoRA for another"):
+        merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "o.out", quant=quant)
+    proc = subprocess.run([sys.executable, "-m", "lorabox", "merge", str(tmp_path / "base.safetensors"), "--lora",
+                           str(lora), "-o", str(tmp_path / "o.out")] + (["--quant", quant] if quant else []),
+                          capture_output=True, text=True)
+    assert proc.returncode == ShapeMismatch.exit_code and "Traceback" not in proc.stderr and "another size" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
 
 
 def test_output_rules_and_no_partial_file(tmp_path, monkeypatch):
@@ -518,18 +533,20 @@ def test_scaled_fp8_output_loads_in_comfyui_scaled_fp8_ops(tmp_path):
                                       dequantize_scaled(bits, "F8_E4M3", scale))
 
 
-def test_early_writeback_leaves_the_bytes_unchanged(tmp_path, monkeypatch):
-    """The writer starts writeback every WRITEBACK bytes (posix_fadvise); at 4 KB it runs many times per merge."""
-    from lorabox.io.safetensors import StreamWriter
+@pytest.mark.parametrize("quant", [None, "Q8_0"])
+def test_early_writeback_leaves_the_bytes_unchanged(tmp_path, monkeypatch, quant):
+    """The safetensors and GGUF writers start writeback every Writeback.EVERY bytes (posix_fadvise); at 4 KB it runs
+    many times per merge."""
+    from lorabox.io.files import Writeback
 
     base = flux_base(np.random.default_rng(7))
     write_tensors(tmp_path / "base.safetensors", base)
     lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=8, every=2, text_encoders=False), "kohya")
-    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "once.safetensors")
+    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "once.out", quant=quant)
     calls = []
     real = os.posix_fadvise
-    monkeypatch.setattr(StreamWriter, "WRITEBACK", 4096)
+    monkeypatch.setattr(Writeback, "EVERY", 4096)
     monkeypatch.setattr(os, "posix_fadvise", lambda *a: (calls.append(a[1:3]), real(*a))[1])
-    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "often.safetensors")
+    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "often.out", quant=quant)
     assert len(calls) > 10 and all(n > 0 for _, n in calls)
-    assert (tmp_path / "once.safetensors").read_bytes() == (tmp_path / "often.safetensors").read_bytes()
+    assert (tmp_path / "once.out").read_bytes() == (tmp_path / "often.out").read_bytes()

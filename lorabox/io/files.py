@@ -89,3 +89,27 @@ class AtomicWriter:
         else:
             self.abort()
         return False
+
+
+class Writeback:
+    """Call after each write to a buffered file: once every EVERY bytes it starts writing back the bytes written so
+    far (POSIX_FADV_DONTNEED on Linux submits the dirty pages of the range for writeback, and drops those already
+    clean). Without it the kernel waits until a tenth of RAM is dirty, and the fsync at the end then waits for
+    gigabytes (2.4 s of a 5 GB SDXL merge); the output also stays out of the page cache, where it would push out
+    the base being read."""
+
+    EVERY = 64 << 20
+
+    def __init__(self, f):
+        self._f = f
+        self._synced = self._synced_before = 0
+
+    def __call__(self) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        pos = self._f.tell()
+        if pos - self._synced < self.EVERY:
+            return
+        self._f.flush()
+        os.posix_fadvise(self._f.fileno(), self._synced_before, pos - self._synced_before, os.POSIX_FADV_DONTNEED)
+        self._synced_before, self._synced = self._synced, pos

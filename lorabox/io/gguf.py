@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputFileError, OutputError
-from .files import AtomicWriter, pread_exact, temporary_beside
+from .files import AtomicWriter, Writeback, pread_exact, temporary_beside
 
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -296,6 +296,7 @@ class GGUFStreamWriter(AtomicWriter):
         except BaseException:
             self.abort()
             raise
+        self._writeback = Writeback(w.fout[0])
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append the next tensor: uint8 block data for quantized types; float32 for F32; float16 (or uint16
@@ -311,6 +312,7 @@ class GGUFStreamWriter(AtomicWriter):
             raise ValueError(f"gguf stream writer: expected {want} {qtype} {list(stored)} ({nbytes} bytes), got "
                              f"{name} {data.dtype} {list(data.shape)} ({data.nbytes} bytes)")
         self._writer.write_tensor_data(data.reshape(-1))
+        self._writeback()
         self._next += 1
 
     def _finish(self) -> None:

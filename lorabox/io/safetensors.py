@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputFileError, OutputError
 from . import direct
 from .direct import STAGE, open_direct
-from .files import AtomicWriter, commit, discard, temporary_beside
+from .files import AtomicWriter, Writeback, commit, discard, temporary_beside
 from ..tensor import Tensor, storage_dtype
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -230,7 +230,7 @@ class StreamWriter(AtomicWriter):
 
     Outputs of `direct.DIRECT_MIN` bytes or more go around the page cache (O_DIRECT, `io/direct.py`) where the
     filesystem allows it (`LORABOX_DIRECT_IO=0` turns that off); otherwise, or for smaller files, writes are
-    buffered and written back every WRITEBACK bytes.
+    buffered and written back as they go (`files.Writeback`).
     """
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, str, tuple[int, ...]]],
@@ -262,7 +262,7 @@ class StreamWriter(AtomicWriter):
             discard(self._tmp)
             raise
         self._next = 0
-        self._synced = self._synced_before = 0  # see _flush_behind
+        self._writeback = Writeback(self._f)
 
     STAGE = STAGE
 
@@ -275,24 +275,8 @@ class StreamWriter(AtomicWriter):
             self._direct.write(data)
         else:
             self._f.write(data)
-            self._flush_behind()
+            self._writeback()
         self._next += 1
-
-    WRITEBACK = 64 << 20
-
-    def _flush_behind(self) -> None:
-        """Start writing back each 64 MB as soon as it is complete: POSIX_FADV_DONTNEED on Linux submits the dirty
-        pages of the range for writeback, and drops those already clean. Without it the kernel waits until a tenth
-        of RAM is dirty, and the fsync at the end then waits for gigabytes (2.4 s of a 5 GB SDXL merge); the output
-        also stays out of the page cache, where it would push out the base being read."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        pos = self._f.tell()
-        if pos - self._synced < self.WRITEBACK:
-            return
-        self._f.flush()
-        os.posix_fadvise(self._f.fileno(), self._synced_before, pos - self._synced_before, os.POSIX_FADV_DONTNEED)
-        self._synced_before, self._synced = self._synced, pos
 
     def fill(self, placeholder: str, value: str) -> None:
         """Replace a metadata placeholder with a value of the same length; the header is written again on close."""

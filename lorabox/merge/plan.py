@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UnknownArchitecture, UnmappedKeysError
+from ..errors import ShapeMismatch, UnknownArchitecture, UnmappedKeysError
 from ..keymap import Architecture, Module, architecture_names, load_architecture
 from ..lora import Adapter, Lora
 from ..ops import ROW_OPS
@@ -147,6 +147,7 @@ def make_plan(base: BaseCheckpoint, loras: list[tuple[Lora, float]], *, arch: st
                 row_map = _row_map(a, slot, infos[key].shape[0])
                 if row_map is not None and not (row_map >= 0).any():
                     continue
+                _check_fits(a, key, infos[key].shape, row_map, slot.bias)
                 plan.patches.setdefault(key, []).append(Patch(a, r, row_map, index))
                 hit = True
             if not hit:
@@ -158,6 +159,27 @@ def make_plan(base: BaseCheckpoint, loras: list[tuple[Lora, float]], *, arch: st
             lost, hint="Pass --drop-unknown to merge without them (they are reported).")
     plan.dropped = lost
     return plan
+
+
+def _check_fits(a: Adapter, key: str, shape: tuple[int, ...], row_map: np.ndarray | None, bias: bool) -> None:
+    """A plain LoRA (or diff) whose delta does not fit the base weight stops the merge before anything is written:
+    a LoRA for another size of the model. (LoHa, LoKr and Tucker deltas are checked as they are computed.)"""
+    t = a.tensors
+    if bias:
+        dims = t["diff_b"].shape if "diff_b" in t else None
+    elif "up" in t and "down" in t and "mid" not in t:
+        dims = (t["up"].shape[0], *t["down"].shape[1:])
+    else:
+        dims = t["diff"].shape if "diff" in t else None
+    if dims is None:
+        return
+    rows, n_in = dims[0], int(np.prod(dims[1:], dtype=np.int64))
+    base_in = int(np.prod(shape[1:], dtype=np.int64))
+    need = shape[0] if row_map is None else int(row_map.max()) + 1
+    if n_in != base_in or rows < need or (row_map is None and rows != shape[0]):
+        raise ShapeMismatch(f"{a.component}:{a.module}: the LoRA's delta is {rows} x {n_in}, the base weight {key} is "
+                            f"{shape[0]} x {base_in}: a LoRA for another size of this model.",
+                            hint="Merge a LoRA made for this checkpoint.")
 
 
 def _row_map(a: Adapter, slot: Slot, rows: int) -> np.ndarray | None:

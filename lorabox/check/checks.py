@@ -385,7 +385,9 @@ def against_base(ctx: Context) -> None:
         return
     from ..merge.plan import make_plan
 
-    plan = make_plan(base.checkpoint, [(ctx.lora, 1.0)], arch=base.architecture, drop_unknown=True)
+    # where the LoRA's modules land; the sizes are not compared (check's bases may be layouts of any size)
+    plan = make_plan(base.checkpoint, [(ctx.lora, 1.0)], arch=base.architecture, drop_unknown=True,
+                     check_shapes=False)
     # a component the layout does not map (SDXL's OpenCLIP text encoder in a single file) is not the LoRA's fault
     mapped = ctx.arch.layouts.get(base.layout, {})
     lost = [name for name in plan.dropped if name.split(":", 1)[0] in mapped]

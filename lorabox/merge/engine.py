@@ -129,7 +129,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     compute = compute or make_compute(device)  # the CPU path's torch is imported meanwhile (compute._cpu_torch)
     read = [(_load_for(p, base, arch), float(r)) for p, r in loras]
     record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
-              "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": float(r)} for p, r in loras],
+              "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": float(r)}
+                        for p, r in loras],
               "block_ratios": [[p, r] for p, r in block_ratios]}
     report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
     total = Path(base_path).stat().st_size if base is None else base.nbytes

@@ -118,7 +118,10 @@ def block_ratio(module: str, patterns: list[tuple[str, float]]) -> float:
 
 
 def make_plan(base: BaseCheckpoint, loras: list[tuple[Lora, float]], *, arch: str | None = None,
-              block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False) -> Plan:
+              block_ratios: list[tuple[str, float]] = (), drop_unknown: bool = False,
+              check_shapes: bool = True) -> Plan:
+    """Which adapters land on which base weights. A LoRA for another architecture, adapters that land nowhere
+    (unless `drop_unknown`) and, with `check_shapes`, a delta that does not fit its weight raise before any work."""
     arch_name, layout, slots = detect_base(base, arch)
     spec = load_architecture(arch_name)
     infos = base.tensors
@@ -147,7 +150,8 @@ def make_plan(base: BaseCheckpoint, loras: list[tuple[Lora, float]], *, arch: st
                 row_map = _row_map(a, slot, infos[key].shape[0])
                 if row_map is not None and not (row_map >= 0).any():
                     continue
-                _check_fits(a, key, infos[key].shape, row_map, slot.bias)
+                if check_shapes:
+                    _check_fits(a, key, infos[key].shape, row_map, slot.bias)
                 plan.patches.setdefault(key, []).append(Patch(a, r, row_map, index))
                 hit = True
             if not hit:

@@ -148,6 +148,9 @@ def test_merge_into_a_diffusers_folder_matches_the_bfl_merge(tmp_path):
     merge(folder, loras, tmp_path / "merged", dtype="keep")
     merge(tmp_path / "bfl.safetensors", loras, tmp_path / "merged_bfl.safetensors")
     assert (tmp_path / "merged" / "config.json").exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
     got, _ = read_tensors(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
     want, _ = read_tensors(tmp_path / "merged_bfl.safetensors")
     expected = to_diffusers_layout({k: v for k, v in want.items() if k != "pe_embedder.freqs"})

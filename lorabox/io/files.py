@@ -16,14 +16,17 @@ def temporary_beside(path: Path) -> Path:
     return Path(tmp)
 
 
+def umask_mode(full: int = 0o666) -> int:
+    """The mode `open` (0o666) or `mkdir` (0o777) gives a new file or folder under this process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 def commit(tmp: Path, path: Path, *, mode: int | None = None) -> None:
-    """Give the finished temporary file the mode `open` would have (mkstemp makes 0600), or `mode` (the old
-    file's, when a file is replaced in place), and move it in place."""
-    if mode is None:
-        mask = os.umask(0)
-        os.umask(mask)
-        mode = 0o666 & ~mask
-    os.chmod(tmp, mode)
+    """Give the finished temporary file (or folder) the mode `open` would have (mkstemp makes 0600, mkdtemp 0700),
+    or `mode` (the old file's, when a file is replaced in place), and move it in place."""
+    os.chmod(tmp, umask_mode(0o777 if tmp.is_dir() else 0o666) if mode is None else mode)
     os.replace(tmp, path)
 
 

@@ -22,6 +22,7 @@ from .. import __version__
 from ..conversion import load_lora
 from ..errors import InputFileError, OutputError, UnknownArchitecture
 from ..io import digests, direct
+from ..io.files import commit
 from ..io.safetensors import StreamWriter, release, same_file
 from ..parallel import Behind, BufferPool, prefetch
 from ..tensor import Tensor, storage_dtype
@@ -169,7 +170,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
                         shutil.copy2(extra, tmp_dir / extra.name)
                 if output.exists():
                     shutil.rmtree(output)
-                os.replace(tmp_dir, output)
+                commit(tmp_dir, output)  # with a folder's usual mode (mkdtemp makes it 0700)
             except BaseException:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
                 raise

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorabox.conversion import convert
-from lorabox.errors import OutputError, ShapeMismatch, UnknownArchitecture, UnmappedKeysError
+from lorabox.errors import LoraboxError, OutputError, ShapeMismatch, UnknownArchitecture, UnmappedKeysError
 from lorabox.io.safetensors import read_tensors, write_tensors
 from lorabox.keymap import load_architecture
 from lorabox.merge.engine import merge
@@ -204,6 +204,25 @@ def test_a_lora_for_another_model_size_stops_before_writing(tmp_path, quant):
                            str(lora), "-o", str(tmp_path / "o.out")] + (["--quant", quant] if quant else []),
                           capture_output=True, text=True)
     assert proc.returncode == ShapeMismatch.exit_code and "Traceback" not in proc.stderr and "another size" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
+
+
+def test_ratios_that_are_not_finite_numbers_are_refused(tmp_path):
+    """float() reads "nan" and "inf": merged at such a ratio, every patched weight would be NaN or infinite."""
+    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(22)))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=23, every=5, text_encoders=False), "kohya")
+    with pytest.raises(LoraboxError, match="the ratio nan is not a finite number"):
+        merge(tmp_path / "base.safetensors", [(lora, float("nan"))], tmp_path / "o.safetensors")
+    with pytest.raises(LoraboxError, match="--block-ratio double_blocks.*: the ratio inf is not a finite number"):
+        merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "o.safetensors",
+              block_ratios=[("double_blocks.*", float("inf"))])
+    cli = [sys.executable, "-m", "lorabox", "merge", str(tmp_path / "base.safetensors"),
+           "-o", str(tmp_path / "o.safetensors")]
+    for args in (["--lora", f"{lora}:nan"], ["--lora", str(lora), "--ratio", "inf"],
+                 ["--lora", str(lora), "--block-ratio", "single_blocks.*=-inf"]):
+        proc = subprocess.run(cli + args, capture_output=True, text=True)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, args
+        assert "is not a finite number" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "l.safetensors"]
 
 

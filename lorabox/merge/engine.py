@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -20,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..conversion import load_lora
-from ..errors import InputFileError, OutputError, UnknownArchitecture
+from ..errors import InputFileError, LoraboxError, OutputError, UnknownArchitecture
 from ..io import digests, direct
 from ..io.files import commit
 from ..io.safetensors import StreamWriter, release, same_file
@@ -113,6 +114,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         >>> merge("flux1-dev.safetensors", [("style.safetensors", 0.8)], "flux1-dev-style.safetensors")
     """
     started = time.perf_counter()
+    loras = [(p, _ratio(r, f"--lora {p}")) for p, r in loras]
+    block_ratios = [(p, _ratio(r, f"--block-ratio {p}")) for p, r in block_ratios]
     gguf_base = is_gguf(Path(base_path))
     base = None if gguf_base else open_base(base_path)
     output = Path(output)
@@ -274,6 +277,17 @@ def _entries(shard: Shard, dtype: str, scaled: ScaledPlan) -> list[tuple[str, st
     if scaled.marker:
         out.append((scaled.marker, DTYPES[dtype], (0,)))
     return out
+
+
+def _ratio(value, what: str) -> float:
+    """A ratio as a float; NaN or infinity (which `float()` reads from "nan" or "inf") would write NaN weights."""
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        r = math.nan
+    if not math.isfinite(r):
+        raise LoraboxError(f"{what}: the ratio {value!r} is not a finite number.", hint="Give a number such as 0.8.")
+    return r
 
 
 def _check_output(output: Path, inputs: list[Path], base: BaseCheckpoint, overwrite: bool) -> None:

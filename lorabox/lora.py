@@ -75,6 +75,37 @@ class Adapter:
     def dtype(self) -> str:
         return next(iter(self.tensors.values())).dtype
 
+    def delta_shape(self) -> tuple[int, ...] | None:
+        """The shape `delta()` returns, from the factors' shapes alone (nothing is computed); None if no delta."""
+        s = {k: v.shape for k, v in self.tensors.items()}
+        kind = self.kind
+        out = None
+        if kind == "lora":
+            up, down = s["up"], s["down"]
+            n_in = int(np.prod(down[1:], dtype=np.int64))
+            if "mid" in s:
+                out = (up[0], n_in, *s["mid"][2:])
+            else:
+                out = (up[0], *down[1:]) if len(down) == 4 else (up[0], n_in)
+        elif kind == "loha":
+            if "hada_t1" in s:
+                out = (s["hada_w1_a"][1], s["hada_w1_b"][1], *s["hada_t1"][2:])
+            else:
+                out = (s["hada_w1_a"][0], s["hada_w1_b"][-1])
+        elif kind == "lokr":
+            w1 = s["lokr_w1"] if "lokr_w1" in s else (s["lokr_w1_a"][0], s["lokr_w1_b"][-1])
+            if "lokr_w2" in s:
+                w2 = s["lokr_w2"]
+            elif "lokr_t2" in s:
+                w2 = (s["lokr_w2_a"][1], s["lokr_w2_b"][1], *s["lokr_t2"][2:])
+            else:
+                w2 = (s["lokr_w2_a"][0], s["lokr_w2_b"][-1])
+            w1 = (*w1, *(1,) * (len(w2) - len(w1)))
+            out = tuple(a * b for a, b in zip(w1, w2))
+        if out is None and "diff" in s:
+            out = s["diff"]
+        return None if out is None else tuple(int(n) for n in out)
+
     def delta(self) -> np.ndarray | None:
         """The weight delta this adapter adds (float64), shaped like its rows of the weight; None if none.
 

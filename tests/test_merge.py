@@ -192,12 +192,22 @@ def test_wrong_architecture_unknown_targets_and_drop_unknown(tmp_path):
     assert report.dropped and all(d.startswith(("clip_l:", "t5xxl:")) for d in report.dropped)
 
 
-@pytest.mark.parametrize("quant", [None, "Q8_0"])
-def test_a_lora_for_another_model_size_stops_before_writing(tmp_path, quant):
+@pytest.mark.parametrize("quant,kind", [(None, "lora"), ("Q8_0", "lora"), (None, "loha")])
+def test_a_lora_for_another_model_size_stops_before_writing(tmp_path, quant, kind):
     """Its factors are 16 inputs wide, the base's weights 64: one clear error before anything is written, from the
     library and from the CLI (the torch tiles used to fail inside the product with a RuntimeError)."""
+    from lorabox.lora import Adapter
+
     write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(20), n_in=64))
-    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=21, every=3, text_encoders=False), "kohya")
+    lora = random_lora("flux1", seed=21, every=3, text_encoders=False)
+    if kind == "loha":
+        rng = np.random.default_rng(25)
+        for key, a in list(lora.adapters.items()):
+            rows, n_in = a.tensors["up"].shape[0], a.tensors["down"].shape[1]
+            lora.adapters[key] = Adapter(a.component, a.module, None, {
+                "hada_w1_a": rand(rng, (rows, 2)), "hada_w1_b": rand(rng, (2, n_in)),
+                "hada_w2_a": rand(rng, (rows, 2)), "hada_w2_b": rand(rng, (2, n_in))}, Tensor.scalar(2.0))
+    lora = write_lora(tmp_path / "l.safetensors", lora, "kohya")
     with pytest.raises(ShapeMismatch, match=r"delta is \d+ x 16, the base weight .* is \d+ x 64: a LoRA for another"):
         merge(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "o.out", quant=quant)
     proc = subprocess.run([sys.executable, "-m", "lorabox", "merge", str(tmp_path / "base.safetensors"), "--lora",
@@ -572,3 +582,28 @@ def test_early_writeback_leaves_the_bytes_unchanged(tmp_path, monkeypatch, quant
     merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "often.out", quant=quant)
     assert len(calls) > 10 and all(n > 0 for _, n in calls)
     assert (tmp_path / "once.out").read_bytes() == (tmp_path / "often.out").read_bytes()
+
+
+def test_delta_shape_is_the_shape_of_the_delta_for_every_kind():
+    """`Adapter.delta_shape` (what the plan checks against the base before any work) mirrors `Adapter.delta`."""
+    from lorabox.lora import Adapter
+
+    rng = np.random.default_rng(24)
+    cases = {
+        "lora": {"up": (8, 4), "down": (4, 16)},
+        "lora conv": {"up": (8, 4, 1, 1), "down": (4, 6, 3, 3)},
+        "lora tucker": {"up": (8, 4), "mid": (4, 4, 3, 3), "down": (4, 6)},
+        "lora + diff": {"up": (8, 4), "down": (4, 16), "diff": (8, 16)},
+        "loha": {"hada_w1_a": (8, 2), "hada_w1_b": (2, 16), "hada_w2_a": (8, 2), "hada_w2_b": (2, 16)},
+        "loha tucker": {"hada_t1": (2, 2, 3, 3), "hada_w1_a": (2, 8), "hada_w1_b": (2, 6),
+                        "hada_t2": (2, 2, 3, 3), "hada_w2_a": (2, 8), "hada_w2_b": (2, 6)},
+        "lokr": {"lokr_w1": (2, 4), "lokr_w2": (4, 4)},
+        "lokr decomposed": {"lokr_w1_a": (2, 1), "lokr_w1_b": (1, 4), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 4)},
+        "lokr tucker": {"lokr_w1": (2, 2), "lokr_t2": (2, 2, 3, 3), "lokr_w2_a": (2, 4), "lokr_w2_b": (2, 3)},
+        "lokr conv": {"lokr_w1": (2, 2), "lokr_w2": (4, 3, 3, 3)},
+        "diff": {"diff": (8, 16)},
+    }
+    for name, shapes in cases.items():
+        a = Adapter("unet", "m", None, {k: rand(rng, s) for k, s in shapes.items()}, Tensor.scalar(2.0))
+        assert a.delta_shape() == a.delta().shape, name
+    assert Adapter("unet", "m", None, {"diff_b": rand(rng, (8,))}, None).delta_shape() is None

@@ -99,13 +99,10 @@ def _rows_of_parts(total: int, split: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 def _delta_rows(a: Adapter) -> int:
-    for role in ("up", "diff", "magnitude", "diff_b"):
-        if role in a.tensors:
-            return a.tensors[role].shape[0]
-    for role in ("hada_w1_a", "lokr_w1"):
-        if role in a.tensors:
-            return a.delta().shape[0]
-    return a.delta().shape[0]
+    shape = a.delta_shape()
+    if shape is not None:
+        return shape[0]
+    return next(a.tensors[role].shape[0] for role in ("magnitude", "dora_scale", "diff_b") if role in a.tensors)
 
 
 def block_ratio(module: str, patterns: list[tuple[str, float]]) -> float:
@@ -166,15 +163,9 @@ def make_plan(base: BaseCheckpoint, loras: list[tuple[Lora, float]], *, arch: st
 
 
 def _check_fits(a: Adapter, key: str, shape: tuple[int, ...], row_map: np.ndarray | None, bias: bool) -> None:
-    """A plain LoRA (or diff) whose delta does not fit the base weight stops the merge before anything is written:
-    a LoRA for another size of the model. (LoHa, LoKr and Tucker deltas are checked as they are computed.)"""
-    t = a.tensors
-    if bias:
-        dims = t["diff_b"].shape if "diff_b" in t else None
-    elif "up" in t and "down" in t and "mid" not in t:
-        dims = (t["up"].shape[0], *t["down"].shape[1:])
-    else:
-        dims = t["diff"].shape if "diff" in t else None
+    """An adapter whose delta does not fit the base weight (a LoRA for another size of the model) stops the merge
+    before anything is written; the delta's shape comes from its factors' shapes (`Adapter.delta_shape`)."""
+    dims = (a.tensors["diff_b"].shape if "diff_b" in a.tensors else None) if bias else a.delta_shape()
     if dims is None:
         return
     rows, n_in = dims[0], int(np.prod(dims[1:], dtype=np.int64))

@@ -11,6 +11,7 @@ the first merge (the next LoRA on the same base). `--dtype fp8_e4m3fn` times an 
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench --keep   # needs ~50 GB free
+    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --rounds 5   # median ratios of 5 interleaved rounds
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha and diffusers
     .venv/bin/python scripts/bench_merge.py --model sdxl --peer --check --subset 'input_blocks\.4\.'   # quick
 
@@ -26,6 +27,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,6 +167,8 @@ def main():
     ap.add_argument("--keep", action="store_true", default=os.environ.get("KEEP") == "1",
                     help="keep the base and LoRA written in --dir (and the digest cache) for the next run; without "
                          "it the files this run wrote are removed at the end (KEEP=1 also keeps them)")
+    ap.add_argument("--rounds", type=int, default=1, help="copy and merge this many times, interleaved, and print "
+                    "the median ratios: this disk's speed swings by a third within minutes")
     ap.add_argument("--peer", action="store_true", help="also run diffusers' and sd-mecha's merges (SDXL only)")
     ap.add_argument("--subset", metavar="REGEX", help="keep only the checkpoint keys this regex finds (a quick run)")
     ap.add_argument("--check", action="store_true", help="with --peer: compare sd-mecha's merge with lorabox's")
@@ -197,24 +201,15 @@ def main():
           f"(written in {time.perf_counter() - t:.0f} s)")
     write_lora(lora, modules, args.rank)
     print(f"LoRA rank {args.rank} on {len(modules)} weights: {lora.stat().st_size / 1e6:.0f} MB")
-    t_copy, rss_copy = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
-    copy.unlink()
-    print(f"plain copy (cp + sync): {t_copy:.1f} s")
-    os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base
-    shutil.rmtree(d / "cache", ignore_errors=True)  # (a kept --dir remembers it from the last run)
     devices = args.device or ["auto"]
-    timings = []
-    for device in [*devices, "again"]:
-        out.unlink(missing_ok=True)  # room for this merge's output
-        if device == "again":  # the everyday case of another LoRA on the same base: its digest is remembered
-            device = devices[0]
-            print("again, the base's sha256 remembered from the first merge:", end=" ")
-        t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o", str(out),
-                            "--overwrite", "--json", "--device", device, "--dtype", args.dtype])
-        timings.append((t_merge, rss))
-        print(f"lorabox merge (--device {device} --dtype {args.dtype}, {args.io} I/O): {t_merge:.1f} s "
-              f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
-              f"ratio to copy {t_merge / t_copy:.2f}")
+    ratios: dict[str, list[float]] = {}
+    for round_ in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {round_ + 1} of {args.rounds}:")
+        timings = merge_round(args, base, lora, copy, out, d, devices, ratios)
+    if args.rounds > 1:
+        print("median ratio to copy over the rounds: " + ", ".join(
+            f"{k} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in ratios.items()))
     if not args.check:
         out.unlink()
     if args.peer and args.model == "sdxl":  # against the first (cold) merge
@@ -227,6 +222,32 @@ def main():
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         if made_dir and not any(d.iterdir()):
             d.rmdir()
+
+
+def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, devices: list[str],
+                ratios: dict[str, list[float]]) -> list[tuple[float, float]]:
+    """`cp` + `sync` of the base, then a merge per device with the base hashed, then one more with its digest
+    remembered; each ratio is to this round's copy. Returns (seconds, peak RSS GiB) of the merges."""
+    t_copy, _ = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
+    copy.unlink()
+    print(f"plain copy (cp + sync): {t_copy:.1f} s")
+    os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base
+    shutil.rmtree(d / "cache", ignore_errors=True)  # (a kept --dir remembers it from the last run)
+    timings = []
+    for device in [*devices, "again"]:
+        out.unlink(missing_ok=True)  # room for this merge's output
+        label = f"--device {device}"
+        if device == "again":  # the everyday case of another LoRA on the same base: its digest is remembered
+            device, label = devices[0], "again"
+            print("again, the base's sha256 remembered from the first merge:", end=" ")
+        t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o",
+                            str(out), "--overwrite", "--json", "--device", device, "--dtype", args.dtype])
+        timings.append((t_merge, rss))
+        ratios.setdefault(label, []).append(t_merge / t_copy)
+        print(f"lorabox merge (--device {device} --dtype {args.dtype}, {args.io} I/O): {t_merge:.1f} s "
+              f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
+              f"ratio to copy {t_merge / t_copy:.2f}")
+    return timings
 
 
 def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_lb: float, rss_lb: float) -> None:

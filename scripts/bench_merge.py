@@ -192,8 +192,9 @@ def main():
     base, lora, copy, out = d / f"{args.model}.safetensors", d / "lora.safetensors", d / "copy.safetensors", d / "out.safetensors"
     params = sum(int(np.prod(s)) for s, _ in keys.values())
     t = time.perf_counter()
-    made = [lora, copy, out, d / "cache", d / "merged_sdmecha.safetensors", d / "unet", d / "merged_lorabox",
-            d / "merged_diffusers"]  # removed at the end, with the base if this run wrote it (unless --keep)
+    scratch = [copy, out, d / "merged_sdmecha.safetensors", d / "unet", d / "merged_lorabox",
+               d / "merged_diffusers"]  # outputs and copies: removed at the end
+    made = [lora, d / "cache"]  # removed too unless --keep, with the base if this run wrote it
     if not base.exists():
         write_base(base, keys)
         made.append(base)
@@ -217,19 +218,21 @@ def main():
     out.unlink(missing_ok=True)
     if args.peer and args.model == "sdxl" and not args.subset:
         peer_diffusers(d, lora)
-    if not args.keep:  # only what this run wrote: --dir may hold other files
-        for p in made:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        if made_dir and not any(d.iterdir()):
-            d.rmdir()
+    for p in scratch + ([] if args.keep else made):  # only what this run wrote: --dir may hold other files
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if not args.keep and made_dir and not any(d.iterdir()):
+        d.rmdir()
 
 
 def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, devices: list[str],
                 ratios: dict[str, list[float]]) -> list[tuple[float, float]]:
     """`cp` + `sync` of the base, then a merge per device with the base hashed, then one more with its digest
     remembered; each ratio is to this round's copy. Returns (seconds, peak RSS GiB) of the merges."""
-    t_copy, _ = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
-    copy.unlink()
+    out.unlink(missing_ok=True)  # the last round's output: room for the copy
+    try:
+        t_copy, _ = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
+    finally:
+        copy.unlink(missing_ok=True)
     print(f"plain copy (cp + sync): {t_copy:.1f} s")
     os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base
     shutil.rmtree(d / "cache", ignore_errors=True)  # (a kept --dir remembers it from the last run)

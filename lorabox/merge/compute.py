@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +87,19 @@ def round_fp8_merged(name: str, f32: np.ndarray, dtype: str, rounding: str, patc
 
 def _cpu_torch():
     """torch for the CPU path's elementwise kernels when it is installed (its vectorised float16/bfloat16 casts
-    are 5-18x faster than numpy's here, and they are the reference rounding): a `_Background` import of it, or None.
+    are 5-18x faster than numpy's here, and they are the reference rounding): a Future of its import, or None.
     The import takes 1.2-1.4 s here; on its own thread it overlaps the LoRA loading and planning (SDXL bench: the
     first tensor 1.8-2.2 s after the start before, 1.8-1.9 s after; 2.0 -> 1.7 s for the same steps on their own)."""
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
         return None
-    return _Background(_import_torch)
+    # the executor's thread is joined at exit: a process that stops early (a bad input) waits for the import to end
+    # rather than tearing down the interpreter under torch's C++ initialisation
+    ex = ThreadPoolExecutor(1, thread_name_prefix="lorabox-import")
+    future = ex.submit(_import_torch)
+    ex.shutdown(wait=False)
+    return future
 
 
 def _import_torch():
@@ -104,31 +110,6 @@ def _import_torch():
     # base tensors are read-only maps of the file; torch only ever reads them
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     return torch
-
-
-class _Background:
-    """`fn()` run on a thread of its own; `result()` waits for it and returns its value or raises its error. Not a
-    daemon thread: a process that stops early (a bad input) waits for the import to end rather than tearing down
-    the interpreter under torch's C++ initialisation."""
-
-    def __init__(self, fn):
-        self._done = threading.Event()
-        self._value = self._error = None
-        threading.Thread(target=self._run, args=(fn,), name="lorabox-import").start()
-
-    def _run(self, fn) -> None:
-        try:
-            self._value = fn()
-        except BaseException as exc:  # noqa: BLE001 - raised in result()
-            self._error = exc
-        finally:
-            self._done.set()
-
-    def result(self):
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 class NumpyCompute:
@@ -155,7 +136,7 @@ class NumpyCompute:
     @property
     def torch(self):
         """torch, once its import is done (the first use waits for it; `session` makes that use), or None."""
-        if isinstance(self._torch, _Background):
+        if isinstance(self._torch, Future):
             self._torch = self._torch.result()
         return self._torch
 
@@ -165,8 +146,6 @@ class NumpyCompute:
         and their spinning runs the products several times slower on a busy 2-core machine (measured: 2.2 s instead
         of 0.33 s of CPU for one 3072x12288 rank-64 weight with OpenBLAS; 6.1 instead of 4.1 CPU-s for 300 SDXL
         weights with MKL, whose OpenMP thread count is set per thread, so each worker sets its own)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         from threadpoolctl import threadpool_limits
 
         torch = self.torch  # waits for the import, so that threadpoolctl finds torch's BLAS loaded

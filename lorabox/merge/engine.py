@@ -30,7 +30,7 @@ from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
 from .compute import FP8, make_compute
-from .plan import Plan, make_plan
+from .plan import Plan, factors, make_plan
 
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -131,10 +131,9 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         raise OutputError(f"--fp8-layout: ComfyUI scaled fp8 is written as one safetensors file from a "
                           f"safetensors checkpoint, not from {'a folder' if base and base.folder else 'GGUF'}.")
     compute = compute or make_compute(device)  # the CPU path's torch is imported meanwhile (compute._cpu_torch)
-    read = [(_load_for(p, base, arch), float(r)) for p, r in loras]
+    read = [(_load_for(p, base, arch), r) for p, r in loras]
     record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
-              "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": float(r)}
-                        for p, r in loras],
+              "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": r} for p, r in loras],
               "block_ratios": [[p, r] for p, r in block_ratios]}
     report = MergeReport(str(output), "", "", record["loras"], device=compute.name)
     total = Path(base_path).stat().st_size if base is None else base.nbytes
@@ -148,7 +147,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
 
     if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
         record["base"] = {"file": Path(base_path).name, "sha256": digests.file_sha256(Path(base_path))}
-        kwargs = dict(arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown, record=record,
+        kwargs = dict(arch=arch, block_ratios=block_ratios, drop_unknown=drop_unknown, record=record,
                       report=report, tick=tick, process=compute.process)
         with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
             if gguf_base:
@@ -157,7 +156,7 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
                 report.bytes_written = merge_to_gguf(Path(base_path), read, output, quant, **kwargs)
         report.seconds = time.perf_counter() - started
         return report
-    plan = make_plan(base, read, arch=arch, block_ratios=list(block_ratios), drop_unknown=drop_unknown)
+    plan = make_plan(base, read, arch=arch, block_ratios=block_ratios, drop_unknown=drop_unknown)
     record.update(architecture=plan.architecture, layout=plan.layout, dropped=len(plan.dropped))
     report.architecture, report.layout, report.dropped = plan.architecture, plan.layout, plan.dropped
     _check_space(base, output, dtype)
@@ -460,7 +459,7 @@ def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, round
                 outs = [(info.name, compute.process(info, t, patches, target, rounding))]
             report.tensors += 1
             report.merged += bool(patches)
-            release(t.array for p in patches for t in p.adapter.tensors.values())  # merged: a LoRA's pages go
+            release(factors(patches))  # merged: a LoRA's pages go
             behind.put((outs, info.nbytes), sum(out.array.nbytes for _, out in outs))
     if scaled.marker:
         from ..quant.fp8 import scaled_fp8_marker

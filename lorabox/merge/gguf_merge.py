@@ -17,7 +17,7 @@ from ..io.gguf import GGUFStreamWriter, encode, open_gguf, plan_qtypes
 from ..io.safetensors import release
 from ..tensor import Tensor, storage_dtype
 from .base import open_base
-from .plan import make_plan
+from .plan import factors, make_plan
 
 GGUF_ARCH = {"flux1": "flux", "sdxl": "sdxl", "sd15": "sd1"}
 LORABOX_ARCH = {v: k for k, v in GGUF_ARCH.items()}
@@ -50,7 +50,7 @@ def merge_gguf_base(base_path: Path, loras, output: Path, *, arch, block_ratios,
                 patches = plan.patches.get(t.name)
                 if patches:
                     merged = process(SimpleNamespace(name=t.name), Tensor(g.read(t), "F32"), patches, "F32")
-                    release(f.array for p in patches for f in p.adapter.tensors.values())  # as the engine does
+                    release(factors(patches))  # as the engine does
                     w.write(t.name, encode(merged.array, t.qtype, t.stored_shape))
                 else:
                     w.write(t.name, g.read_raw(t))
@@ -87,7 +87,7 @@ def merge_to_gguf(base_path: Path, loras, output: Path, qtype: str, *, arch, blo
                 t = _pread(fd, info)
                 patches = plan.patches.get(info.name, [])
                 values = process(info, t, patches, "F32").array if patches else t.values32()
-                release(f.array for p in patches for f in p.adapter.tensors.values())
+                release(factors(patches))
                 w.write(gname[info.name], encode(values, q, stored))
                 report.tensors += 1
                 report.merged += bool(patches)

@@ -39,6 +39,11 @@ class Patch:
     lora_index: int
 
 
+def factors(patches: list[Patch]):
+    """The arrays of every tensor of the patches' adapters: what a merged weight no longer needs (`release`)."""
+    return (t.array for p in patches for t in p.adapter.tensors.values())
+
+
 @dataclass
 class Plan:
     architecture: str

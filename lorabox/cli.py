@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +22,6 @@ def _fail(exc: BaseException) -> None:
     from .errors import LoraboxError
 
     if isinstance(exc, BrokenPipeError):  # `lorabox inspect x | head`: the reader left; not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
 
@@ -179,8 +178,6 @@ def convert_cmd(src, to, output, arch, drop_unknown, overwrite, as_json):
 
 def _lora_spec(value: str, default: float) -> tuple[str, float]:
     """`path` or `path:ratio`; a value that names an existing file is a path, even with a `:` in it."""
-    import os
-
     from .errors import LoraboxError
 
     path, sep, tail = value.rpartition(":")
@@ -457,8 +454,6 @@ def check_cmd(ctx, paths, base, target, jobs, strict, verbose, arch, as_json):
 
 
 def _is_dir(path: str) -> bool:
-    import os
-
     return os.path.isdir(path)
 
 
@@ -604,5 +599,28 @@ def train_cmd(data, base, output, minimal, fmt, trigger, rank, alpha, steps, res
     click.echo(f"saved       {result.adapter} ({result.steps} steps, {result.seconds:.0f} s)")
 
 
+def run() -> None:
+    """The console script: `main`, then, where a command loaded torch (merge, train, check), a prompt exit.
+    Tearing torch's modules down at interpreter exit takes 0.4-0.5 s here, after the work is done: every output is
+    committed and every file closed by then, and the worker threads have ended."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    if not isinstance(code, int):  # what sys.exit does with None and with a message
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left, a closed stream: nothing more can be said there
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -139,6 +139,27 @@ def test_help_is_light_and_every_command_has_an_example():
         assert "Example:" in out, name
 
 
+@pytest.mark.parametrize("torch_loaded", [False, True])
+def test_entry_point_exit_codes_and_flushed_output(kohya_file, tmp_path, torch_loaded):
+    """`lorabox.cli.run` (the console script, `python -m lorabox`) ends promptly once torch is loaded: what the
+    command printed, to a pipe, still arrives whole, and the exit code is the command's."""
+    def entry(*args):
+        code = ("import sys\n" + ("import torch\n" if torch_loaded else "")
+                + f"sys.argv = ['lorabox', *{[str(a) for a in args]!r}]\n"
+                + "from lorabox.cli import run\nrun()\nraise AssertionError('run() returned')")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    ok = entry("inspect", kohya_file, "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["architecture"] == "flux1"  # 9 kB of JSON, all of it
+    missing = entry("inspect", tmp_path / "missing.safetensors")
+    assert missing.returncode == 2
+    assert_one_line_error(missing, "missing.safetensors")
+    usage = entry("convert", kohya_file, "--to", "nowhere")
+    assert usage.returncode == 2 and "nowhere" in usage.stderr
+    assert entry("--version").stdout.startswith("lorabox")
+
+
 def test_convert_and_inspect_do_not_import_torch(kohya_file, tmp_path):
     code = ("from lorabox.conversion import convert_file\nfrom lorabox.summary import inspect_file\n"
             f"inspect_file({str(kohya_file)!r})\n"

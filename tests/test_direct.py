@@ -142,11 +142,9 @@ def test_a_disk_error_while_opening_leaves_no_file(tmp_path, monkeypatch):
 
 
 # -- reads ---------------------------------------------------------------------------------------------------------
-def read_directly(monkeypatch, cached: bool = False):
+def read_directly(monkeypatch):
     monkeypatch.setattr(direct, "DIRECT_MIN", 0)
     monkeypatch.setattr(direct, "CACHE_SHARE", 0)  # test files are far smaller than the RAM
-    if not cached:  # a file just written is in the page cache: read it from the disk all the same
-        monkeypatch.setattr(direct, "resident", lambda view: False)
 
 
 def test_only_files_the_page_cache_cannot_keep_are_read_directly(monkeypatch):
@@ -169,33 +167,6 @@ def test_the_reader_returns_any_byte_range_and_refuses_one_past_the_end(tmp_path
     with pytest.raises(EOFError):
         reader.submit(10, len(data) + 1).result()
     reader.close()
-
-
-def test_ranges_in_the_page_cache_are_mapped_and_the_others_read_directly(tmp_path):
-    mb = 1 << 20
-    data = np.random.default_rng(7).integers(0, 256, 8 * mb + 5, dtype=np.uint8)
-    path = tmp_path / "f.bin"
-    with open(path, "wb") as f:
-        f.write(data.tobytes())
-        f.flush()
-        os.fsync(f.fileno())  # clean pages, which the kernel may drop
-    fd = os.open(path, os.O_RDONLY)
-    reader = direct.DirectReader(direct.open_read(path), BufferPool(small=0), cached_fd=fd)
-    try:
-        os.posix_fadvise(fd, 4 * mb, 0, os.POSIX_FADV_DONTNEED)  # the second half leaves the page cache
-        for start, end in [(5 * mb + 3, 6 * mb), (100, 4 * mb + 1), (8 * mb, len(data))]:  # (the last straddles)
-            got = reader.submit(start, end).result()
-            assert got.tobytes() == data[start:end].tobytes()
-        assert reader.mapped == 0
-        for start, end in [(0, mb), (12_345, 4 * mb), (4095, 4097)]:  # all in the page cache
-            got = reader.submit(start, end).result()
-            assert got.tobytes() == data[start:end].tobytes()
-        assert reader.mapped == mb + 4 * mb - 12_345 + 2
-        with pytest.raises(EOFError):
-            reader.submit(10, len(data) + 1).result()
-    finally:
-        reader.close()
-        os.close(fd)
 
 
 def test_the_pool_hands_out_aligned_buffers_and_reuses_free_ones():
@@ -257,36 +228,6 @@ def test_a_merge_read_around_the_page_cache_is_the_same_file(tmp_path, monkeypat
     assert _recorded(tmp_path / "mapped.safetensors") == hashlib.sha256(base.read_bytes()).hexdigest()
     assert (tmp_path / "hashed.safetensors").read_bytes() == want
     assert (tmp_path / "remembered.safetensors").read_bytes() == want
-
-
-def test_a_base_held_in_the_page_cache_is_mapped_from_there_and_merges_the_same(tmp_path, monkeypatch):
-    """A base too big for the page cache to keep but in it now (just written here): its ranges are mapped rather
-    than read from the disk again, and the output and digest are those of direct reads."""
-    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
-    base = tmp_path / "base.safetensors"
-    write_tensors(base, flux_base(np.random.default_rng(15)), {"note": "a base"})
-    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=16, every=2, text_encoders=False), "kohya")
-    readers = []
-
-    class Recorded(direct.DirectReader):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            readers.append(self)
-
-    monkeypatch.setattr(direct, "DirectReader", Recorded)
-    monkeypatch.setattr(engine, "RUN", 3000)
-    read_directly(monkeypatch)
-    merge(base, [(lora, 0.8)], tmp_path / "direct.safetensors")
-    digests.cache_file().unlink()
-    monkeypatch.undo()
-    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
-    monkeypatch.setattr(direct, "DirectReader", Recorded)
-    monkeypatch.setattr(engine, "RUN", 3000)
-    read_directly(monkeypatch, cached=True)
-    merge(base, [(lora, 0.8)], tmp_path / "cached.safetensors")
-    assert [r.mapped for r in readers] == [0, base.stat().st_size]  # every byte, hashed: header and all
-    assert (tmp_path / "cached.safetensors").read_bytes() == (tmp_path / "direct.safetensors").read_bytes()
-    assert _recorded(tmp_path / "cached.safetensors") == hashlib.sha256(base.read_bytes()).hexdigest()
 
 
 def test_a_filesystem_that_refuses_direct_reads_gets_mapped_ones(tmp_path, monkeypatch):

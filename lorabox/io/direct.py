@@ -10,15 +10,11 @@ filesystems); the caller then writes through the page cache as before. The file'
 the file then truncated to its exact size; durability (fsync) stays the caller's.
 
 Reads (`open_read`, `DirectReader`) go around the page cache only for files too big for it to keep; a smaller file
-is better read through it, where the next run finds it. Even then, a range whose pages all are in the page cache
-already (a base copied or read a moment ago, of which memory holds a part) is mapped from there instead of read
-from the disk again.
+is better read through it, where the next run finds it.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
-import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -176,28 +172,15 @@ class DirectReader:
     A buffered or memory-mapped read makes the kernel allocate, fill, map and later reclaim a page-cache page for
     every 4 KB (`dd bs=16M` of a 23.8 GB file here: 11.0 s of system time and 22.6 s buffered, 0.8 s and 16.2 s
     direct). Each range lands in an aligned buffer of `pool` (`parallel.BufferPool`), which hands it out again once
-    nothing holds a view of it, so the pages are not zeroed again either. `fd` is owned: `close` closes it.
+    nothing holds a view of it, so the pages are not zeroed again either. `fd` is owned: `close` closes it."""
 
-    `cached_fd` (not owned): the same file opened plainly. A range whose pages all are in the page cache is then
-    mapped from it rather than read from the disk (`mapped` counts those bytes): on a 24 GiB machine a 23.8 GB
-    FLUX.1 base just copied or merged keeps 14 GB there, which `cp` reads at memory speed and an O_DIRECT read
-    fetches from the disk again. The map lives as long as a view of it (one range in flight)."""
-
-    def __init__(self, fd: int, pool, depth: int = READ_DEPTH, cached_fd: int | None = None):
+    def __init__(self, fd: int, pool, depth: int = READ_DEPTH):
         self._fd, self._pool = fd, pool
-        self._cached_fd = cached_fd if _MINCORE is not None else None
-        self.mapped = 0
         self._ex = ThreadPoolExecutor(depth, thread_name_prefix="lorabox-direct-read")
 
     def submit(self, start: int, end: int) -> Future:
         """Start reading bytes [start, end); the future's result is a uint8 array of them. A file shorter than
         `end` raises EOFError there."""
-        cached = self._cached(start, end) if self._cached_fd is not None and end > start else None
-        if cached is not None:
-            done = Future()
-            done.set_result(cached)
-            self.mapped += end - start
-            return done
         lo = start - start % ALIGN
         hi = -(-end // ALIGN) * ALIGN
         buf = self._pool.aligned(hi - lo, ALIGN)
@@ -214,21 +197,6 @@ class DirectReader:
                 nxt += 1
             queued -= end - start
             yield pending.pop(0).result()
-
-    def _cached(self, start: int, end: int) -> np.ndarray | None:
-        """Bytes [start, end) as a view of a read-only map, if every page of them is in the page cache now (a page
-        evicted after this check is read back through the cache: slower, the same bytes); else None."""
-        lo = start - start % mmap.ALLOCATIONGRANULARITY
-        try:
-            mm = mmap.mmap(self._cached_fd, end - lo, prot=mmap.PROT_READ, offset=lo)
-        except (OSError, ValueError):  # past the end of the file: the direct read reports it
-            return None
-        view = np.frombuffer(mm, np.uint8)
-        if not resident(view):
-            del view
-            mm.close()
-            return None
-        return view[start - lo:]
 
     def _read(self, buf: np.ndarray, lo: int, start: int, end: int) -> np.ndarray:
         view, got = memoryview(buf), 0
@@ -248,27 +216,3 @@ class DirectReader:
         self._ex.shutdown(wait=True, cancel_futures=True)
         os.close(self._fd)
         self._fd = -1
-
-
-def _mincore():
-    """libc's mincore(2), or None where there is none (it is Linux and BSD; O_DIRECT reads are Linux-only here)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MINCORE = _mincore()
-
-
-def resident(view: np.ndarray) -> bool:
-    """Whether every page under `view` (a page-aligned map) is in the page cache; asking costs no I/O."""
-    if _MINCORE is None or not len(view):
-        return False
-    pages = np.empty(-(-len(view) // mmap.PAGESIZE), np.uint8)
-    if _MINCORE(view.ctypes.data, len(view), pages.ctypes.data) != 0:
-        return False
-    return bool((pages & 1).all())

@@ -337,7 +337,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
         digest = digests.known(before)  # a base merged before: its digest is remembered (io/digests.py)
         hasher = None if digest else hashlib.sha256()
         rfd = direct.open_read(shard.path) if direct.wanted_for_reading(before.st_size) else None
-        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=READ_KEEP), cached_fd=fd)
+        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=READ_KEEP))
         with StreamWriter(path, entries, metadata) as writer:
             _stream(shard, fd, hasher, reader, plan, dtype, rounding, scaled, writer, report, tick, compute)
             if hasher is not None:

@@ -602,13 +602,15 @@ def train_cmd(data, base, output, minimal, fmt, trigger, rank, alpha, steps, res
 def run() -> None:
     """The console script: `main`, then, where a command loaded torch (merge, train, check), a prompt exit.
     Tearing torch's modules down at interpreter exit takes 0.4-0.5 s here, after the work is done: every output is
-    committed and every file closed by then, and the worker threads have ended."""
+    committed and every file closed by then, and the worker threads have ended. A process of a distributed run
+    (`accelerate launch`) exits the usual way, leaving its process group to torch's own teardown."""
     try:
         main()
         code = 0
     except SystemExit as exc:
         code = exc.code
-    if "torch" not in sys.modules:
+    torch = sys.modules.get("torch")
+    if torch is None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         sys.exit(code)
     if not isinstance(code, int):  # what sys.exit does with None and with a message
         if code is not None:

@@ -139,15 +139,26 @@ def test_help_is_light_and_every_command_has_an_example():
         assert "Example:" in out, name
 
 
-@pytest.mark.parametrize("torch_loaded", [False, True])
-def test_entry_point_exit_codes_and_flushed_output(kohya_file, tmp_path, torch_loaded):
-    """`lorabox.cli.run` (the console script, `python -m lorabox`) ends promptly once torch is loaded: what the
-    command printed, to a pipe, still arrives whole, and the exit code is the command's."""
+@pytest.mark.parametrize("torch_state", ["absent", "loaded", "distributed"])
+def test_entry_point_exit_codes_and_flushed_output(kohya_file, tmp_path, torch_state):
+    """`lorabox.cli.run` (the console script, `python -m lorabox`) ends at once, past the interpreter's teardown,
+    where torch is loaded (atexit handlers do not run), except in a process of a distributed run; either way what
+    the command printed, to a pipe, arrives whole, and the exit code is the command's."""
+    setup = {"absent": "",
+             "loaded": "import torch\n",
+             "distributed": "import torch, torch.distributed as dist\n"
+                            f"dist.init_process_group('gloo', init_method={(tmp_path / 'pg').as_uri()!r}, "
+                            "rank=0, world_size=1)\n"}[torch_state]
+
     def entry(*args):
-        code = ("import sys\n" + ("import torch\n" if torch_loaded else "")
+        code = ("import atexit, sys\n" + setup
+                + "atexit.register(lambda: print('torn down', file=sys.stderr))\n"
                 + f"sys.argv = ['lorabox', *{[str(a) for a in args]!r}]\n"
                 + "from lorabox.cli import run\nrun()\nraise AssertionError('run() returned')")
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert ("torn down" in proc.stderr) == (torch_state != "loaded"), proc.stderr
+        proc.stderr = proc.stderr.replace("torn down\n", "")
+        return proc
 
     ok = entry("inspect", kohya_file, "--json")
     assert ok.returncode == 0, ok.stderr

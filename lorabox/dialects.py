@@ -59,10 +59,7 @@ def parse_key(key: str, arch: Architecture) -> ParsedKey | None:
 
 @functools.lru_cache(maxsize=65536)
 def _parse_key(key: str, arch_name: str) -> ParsedKey | None:
-    for suffix, role, tail in _suffixes():
-        if not key.endswith(suffix):
-            continue
-        name = key[: -len(suffix)] + tail
+    for name, role in _split_suffix(key):
         for prefix, comp in _prefixes(arch_name):
             if not name.startswith(prefix):
                 continue
@@ -72,6 +69,13 @@ def _parse_key(key: str, arch_name: str) -> ParsedKey | None:
             if hit is not None:
                 return ParsedKey(key, comp.name, hit, role, prefix or "(bare)")
     return None
+
+
+@functools.lru_cache(maxsize=65536)
+def _split_suffix(key: str) -> tuple[tuple[str, str], ...]:
+    """(module name, role) for each suffix the key ends with, longest first; shared by every architecture tried
+    (detection parses each key against all of them)."""
+    return tuple((key[: -len(suffix)] + tail, role) for suffix, role, tail in _suffixes() if key.endswith(suffix))
 
 
 def read_state_dict(sd: dict[str, Tensor], arch: Architecture, metadata: dict[str, str] | None = None, *,

@@ -600,7 +600,7 @@ def train_cmd(data, base, output, minimal, fmt, trigger, rank, alpha, steps, res
 
 
 def run() -> None:
-    """The console script: `main`, then, where a command loaded torch (merge, train, check), a prompt exit.
+    """The console script: `main`, then, where a command loaded torch (merge, train), a prompt exit.
     Tearing torch's modules down at interpreter exit takes 0.4-0.5 s here, after the work is done: every output is
     committed and every file closed by then, and the worker threads have ended. A process of a distributed run
     (`accelerate launch`) exits the usual way, leaving its process group to torch's own teardown."""

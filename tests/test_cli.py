@@ -162,7 +162,7 @@ def test_entry_point_exit_codes_and_flushed_output(kohya_file, tmp_path, torch_s
 
     ok = entry("inspect", kohya_file, "--json")
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["architecture"] == "flux1"  # 9 kB of JSON, all of it
+    assert json.loads(ok.stdout)["architecture"] == "flux1"  # the whole JSON document
     missing = entry("inspect", tmp_path / "missing.safetensors")
     assert missing.returncode == 2
     assert_one_line_error(missing, "missing.safetensors")

@@ -236,8 +236,8 @@ class NumpyCompute:
             w = w_all[rs, cs]
             d = _buffer(torch, local, "buf", w.numel(), torch.float64).view(w.shape)
             if w.dtype == torch.float16:  # torch has no vectorised float16 -> float64: through a kept float32
-                # buffer (0.17 + 0.37 ns per element; a fresh float32 tensor per tile was 1.4: SDXL's weights at
-                # rank 32, one thread, 6.39 -> 6.03 ns per element in all)
+                # buffer (0.17 + 0.37 ns per element; a fresh float32 tensor per tile was 1.4; scripts/bench_tiles.py
+                # --model sdxl --rank 32 --tiles 4096:4, both cores: 4.55-4.66 -> 4.23-4.52 ns per element)
                 w = _buffer(torch, local, "buf32", w.numel(), torch.float32).view(w.shape).copy_(w)
             if fused:
                 d.copy_(w)

@@ -610,7 +610,7 @@ def run() -> None:
     except SystemExit as exc:
         code = exc.code
     torch = sys.modules.get("torch")
-    if torch is None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if torch is None or _distributed(torch):
         sys.exit(code)
     if not isinstance(code, int):  # what sys.exit does with None and with a message
         if code is not None:
@@ -622,6 +622,16 @@ def run() -> None:
         except (OSError, ValueError):  # a reader that left, a closed stream: nothing more can be said there
             pass
     os._exit(code)
+
+
+def _distributed(torch) -> bool:
+    """Whether this process belongs to an initialised torch.distributed group. A torch still being imported on
+    `merge.compute`'s background thread (a merge refused early) may not have the attribute yet: it has no group, and
+    `os._exit` does not wait for that import, nor tear the interpreter down under it."""
+    try:
+        return bool(torch.distributed.is_available() and torch.distributed.is_initialized())
+    except AttributeError:
+        return False
 
 
 if __name__ == "__main__":

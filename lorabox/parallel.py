@@ -146,6 +146,13 @@ class BufferPool:
             n *= s
         return self._take(n, 1).view(dtype).reshape(shape)
 
+    def holds(self, a) -> bool:
+        """Whether the array `a` lies in memory this pool hands out."""
+        import numpy as np
+
+        with self._lock:
+            return any(np.shares_memory(a, b) for b in self._arrays)
+
     def aligned(self, nbytes: int, align: int):
         """A uint8 array of `nbytes` whose address is a multiple of `align` (for O_DIRECT reads)."""
         return self._take(nbytes, align)

@@ -300,8 +300,13 @@ def _torch_dtype(torch, dtype: str):
 
 def _to_torch(torch, t: Tensor):
     """A 16/32/64-bit float Tensor as a torch tensor sharing its memory."""
-    a = np.ascontiguousarray(t.array)
-    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if t.dtype == "BF16" else torch.from_numpy(a)
+    return _torch_view(torch, np.ascontiguousarray(t.array), t.dtype)
+
+
+def _torch_view(torch, a: np.ndarray, dtype: str):
+    """A torch tensor over the memory of `a`, the numpy array lorabox stores for `dtype` (bfloat16 as uint16 bits,
+    fp8 as uint8 bits: their torch view is uint8)."""
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "BF16" else torch.from_numpy(a)
 
 
 def _from_torch(torch, x, dtype: str) -> np.ndarray:
@@ -346,7 +351,7 @@ class TorchCompute:
             return self.cpu.process(info, t, patches, dtype, rounding)  # copies, casts and biases: no math
         w = self._merged(t, patches)
         if dtype == "F64":
-            return Tensor(w.cpu().numpy(), "F64")
+            return Tensor(self._host(w, "F64"), "F64")
         f32 = w.to(self.torch.float32)
         del w
         if dtype in FP8:
@@ -418,8 +423,17 @@ class TorchCompute:
         return w
 
     # -- rounding ----------------------------------------------------------------------------------------------
+    def _host(self, x, dtype: str) -> np.ndarray:
+        """A device tensor (holding `dtype`'s values: fp8 as uint8 bits) copied into a recycled host array
+        (`NumpyCompute.buffers`). A fresh array (`.cpu()`) is fresh memory, every page faulted in on first touch:
+        about 1 GB/s on the H100 machine, where recycling took a FLUX.1 merge from 29 to 18 s (docs/benchmarks.md)."""
+        out = self.cpu.buffers.empty(tuple(x.shape), storage_dtype(dtype))
+        view = _torch_view(self.torch, out, dtype)
+        view.copy_(x)
+        return out
+
     def _to_numpy(self, f32, dtype: str) -> np.ndarray:
-        return _from_torch(self.torch, f32.to(_torch_dtype(self.torch, dtype)).cpu(), dtype)
+        return self._host(f32.to(_torch_dtype(self.torch, dtype)), dtype)
 
     def _fp8_stochastic(self, name: str, f32, dtype: str) -> np.ndarray:
         """lorabox.quant.fp8's stochastic rounding on the device: the same PCG64 draws (made on the CPU workers,
@@ -428,13 +442,15 @@ class TorchCompute:
 
         torch = self.torch
         flat = f32.reshape(-1)
-        draws = torch.from_numpy(stochastic_draws(flat.numel(), seed_for_key(name), self.threads, self.pool)
+        n = flat.numel()
+        raw = self.cpu.buffers.empty(((n + 1) // 2,), np.uint64)
+        draws = torch.from_numpy(stochastic_draws(n, seed_for_key(name), self.threads, self.pool, out=raw)
                                  .view(np.int32))
-        out = torch.empty(flat.numel(), dtype=torch.uint8, device=self.device)
-        for s in range(0, flat.numel(), FP8_STEP):
+        out = torch.empty(n, dtype=torch.uint8, device=self.device)
+        for s in range(0, n, FP8_STEP):
             d = draws[s:s + FP8_STEP].to(self.device).to(torch.int64) & 0xFFFFFFFF
             out[s:s + FP8_STEP] = stochastic_bits_torch(torch, flat[s:s + FP8_STEP], d, dtype)
-        return out.reshape(f32.shape).cpu().numpy()
+        return self._host(out.reshape(f32.shape), dtype)
 
     def _fp8_nearest(self, f32, dtype: str) -> np.ndarray:
         """Saturate to the format's largest finite value, then torch's round-to-nearest-even cast (as
@@ -442,4 +458,4 @@ class TorchCompute:
         torch = self.torch
         fmt = torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2
         big = torch.finfo(fmt).max
-        return f32.clamp(-big, big).to(fmt).view(torch.uint8).cpu().numpy()
+        return self._host(f32.clamp(-big, big).to(fmt).view(torch.uint8), dtype)

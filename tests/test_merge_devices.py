@@ -77,10 +77,25 @@ def test_torch_path_equals_numpy_path(tmp_path, device, dtype, rounding, base_dt
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_path_equals_numpy_path_on_a_scaled_fp8_base(tmp_path, device):
-    write_tensors(tmp_path / "base.safetensors", _scaled_base(np.random.default_rng(1), "comfy_quant"))
+@pytest.mark.parametrize("layout", ["legacy", "comfy_quant"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_torch_path_equals_numpy_path_on_a_scaled_fp8_base(tmp_path, device, layout, rounding):
+    """Patched layers quantized again with their scales recomputed: on the device, amax, the float32 product and
+    the rounding; the scale from the same host arithmetic."""
+    write_tensors(tmp_path / "base.safetensors", _scaled_base(np.random.default_rng(1), layout))
     lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", every=3, text_encoders=False), "kohya")
-    _same_outputs(tmp_path, tmp_path / "base.safetensors", [(lora, 0.7)], device, rounding="nearest")
+    _same_outputs(tmp_path, tmp_path / "base.safetensors", [(lora, 0.7)], device, rounding=rounding)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["legacy", "comfy_quant"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_torch_path_equals_numpy_path_making_scaled_fp8(tmp_path, device, layout, rounding):
+    """A plain bf16 base written as ComfyUI scaled fp8 (`--fp8-layout`), its patched matrices quantized on the device."""
+    base = flux_base(np.random.default_rng(5), "BF16")
+    write_tensors(tmp_path / "base.safetensors", base)
+    _same_outputs(tmp_path, tmp_path / "base.safetensors", _loras(tmp_path), device, dtype="fp8_e4m3fn",
+                  rounding=rounding, fp8_layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -169,6 +169,15 @@ class NumpyCompute:
             return t if dtype == t.dtype else Tensor(self._round(t.values(), dtype), dtype)
         return Tensor(self._patched(info, t, patches, dtype, fused=dtype in FUSED), dtype)
 
+    def scaled_fp8(self, info, t: Tensor, patches: list, dtype: str, stochastic: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`t` patched, as float32, quantized to ComfyUI scaled fp8 with its scale recomputed (amax / max):
+        (bits, scale), as `fp8.quantize_scaled` gives them."""
+        from ..quant.fp8 import quantize_scaled, seed_for_key
+
+        f32 = self.process(info, t, patches, "F32").array if patches else t.values32()
+        return quantize_scaled(f32, dtype, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None,
+                               threads=self.threads, pool=self.pool)
+
     def _patched(self, info, t: Tensor, patches: list, dtype: str, fused: bool) -> np.ndarray:
         if info.name.endswith(".bias") or t.ndim == 1:
             return self._round(apply_bias(t.values(), patches), dtype)
@@ -317,9 +326,9 @@ def _from_torch(torch, x, dtype: str) -> np.ndarray:
 class TorchCompute:
     """The GPU path: the whole weight in float64 on the device, the same operations in the same order as
     `NumpyCompute`, and torch's own rounding (to float32, then to the output dtype). fp8 rounding runs on the
-    device too: nearest as torch's cast, stochastic from the CPU path's PCG64 draws (made on the CPU workers)
-    with the same integer steps, so the bytes do not depend on the device. GGUF quantization and ComfyUI scaled
-    fp8 run on the CPU workers from the device's float32 result."""
+    device too, ComfyUI scaled fp8's included: nearest as torch's cast, stochastic from the CPU path's PCG64 draws
+    (made on the CPU workers) with the same integer steps, so the bytes do not depend on the device. GGUF
+    quantization runs on the CPU workers from the device's float32 result."""
 
     def __init__(self, device: str = "cuda"):
         import warnings
@@ -343,7 +352,7 @@ class TorchCompute:
 
     @property
     def pool(self):
-        """The CPU worker pool of the session: fp8 stochastic rounding and scaled fp8 run there."""
+        """The CPU worker pool of the session: the draws of fp8 stochastic rounding are made there."""
         return self.cpu.pool
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
@@ -359,6 +368,23 @@ class TorchCompute:
                 return Tensor(self._fp8_nearest(f32, dtype), dtype)
             return Tensor(self._fp8_stochastic(info.name, f32, dtype), dtype)
         return Tensor(self._to_numpy(f32, dtype), dtype)
+
+    def scaled_fp8(self, info, t: Tensor, patches: list, dtype: str, stochastic: bool) -> tuple[np.ndarray, np.ndarray]:
+        """`NumpyCompute.scaled_fp8` on the device: amax found there, the scale and its reciprocal computed on the
+        host as `fp8.quantize_scaled` computes them, the float32 product and the rounding on the device."""
+        from ..quant.fp8 import reciprocal, scale_for_amax
+
+        if not patches:
+            return self.cpu.scaled_fp8(info, t, patches, dtype, stochastic)
+        torch = self.torch
+        w = self._merged(t, patches)
+        f32 = w.to(torch.float32)
+        del w
+        scale = scale_for_amax(torch.maximum(f32.max(), -f32.min()).item(), dtype)
+        f32 *= float(reciprocal(scale))  # float32 * float32, rounded once, as numpy's
+        if stochastic:
+            return self._fp8_stochastic(info.name, f32, dtype), scale
+        return self._fp8_nearest(f32, dtype), scale
 
     # -- float64 on the device -------------------------------------------------------------------------------
     def _dev(self, t: Tensor):

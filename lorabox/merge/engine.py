@@ -470,33 +470,23 @@ def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, round
 def _make_scaled(info: TensorInfo, t: Tensor, patches: list, layer: str | None, fp8: str, layout: str,
                  rounding: str, compute) -> list[tuple[str, Tensor]]:
     """A plain weight merged, then quantized to scaled fp8 with scale = amax/max; other tensors as they are."""
-    from ..quant.fp8 import quantize_scaled, seed_for_key
-
     if layer is None:
         return [(info.name, compute.process(info, t, patches, t.dtype, rounding))]
-    f32 = compute.process(info, t, patches, "F32").array if patches else t.values32()
-    stochastic = bool(patches) and rounding == "stochastic"
-    bits, scale = quantize_scaled(f32, fp8, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None,
-                                  threads=compute.threads, pool=compute.pool)
+    bits, scale = compute.scaled_fp8(info, t, patches, fp8, stochastic=bool(patches) and rounding == "stochastic")
     return _made_layer(layer, bits.reshape(t.shape), fp8, np.asarray(scale).reshape(()), layout)
 
 
 def _process_scaled(info: TensorInfo, q: Tensor, patches: list, layer, scaled: ScaledPlan, target: str,
                     rounding: str, compute) -> list[tuple[str, Tensor]]:
     """W = q * scale (exact in float64), patched; then re-quantized with a recomputed scale, or written as W."""
-    from ..quant.fp8 import quantize_scaled, seed_for_key
-
     old = scaled.scales[layer.scale_key]
     if not patches and scaled.mode == "keep":
         return [(info.name, q), (layer.scale_key, old)]
     w = Tensor(q.values() * float(old.values().reshape(-1)[0]), "F64")
-    merged = compute.process(info, w, patches, "F32") if patches else Tensor(w.array.astype(np.float32), "F32")
     if scaled.mode == "dequantize":
+        merged = compute.process(info, w, patches, "F32") if patches else Tensor(w.array.astype(np.float32), "F32")
         return [(info.name, Tensor.from_values(merged.array, target) if target != "F32" else merged)]
-    stochastic = rounding == "stochastic"
-    bits, scale = quantize_scaled(merged.array, q.dtype, stochastic=stochastic,
-                                  seed=seed_for_key(info.name) if stochastic else None,
-                                  threads=compute.threads, pool=compute.pool)
+    bits, scale = compute.scaled_fp8(info, w, patches, q.dtype, stochastic=rounding == "stochastic")
     new_scale = Tensor.from_values(np.full(old.shape, float(np.asarray(scale).reshape(-1)[0])), old.dtype)
     return [(info.name, Tensor(bits.reshape(q.shape), q.dtype)), (layer.scale_key, new_scale)]
 

@@ -338,7 +338,12 @@ def compute_scale(w: np.ndarray, dtype: str) -> np.ndarray:
     w = np.asarray(w)
     if w.size == 0:
         return np.ones((), np.float32)
-    amax = np.float32(max(np.max(w), -np.min(w)))  # no |w| temporary; NaN propagates
+    return scale_for_amax(max(np.max(w), -np.min(w)), dtype)  # no |w| temporary; NaN propagates
+
+
+def scale_for_amax(amax, dtype: str) -> np.ndarray:
+    """`compute_scale` from a weight's amax(|w|), found wherever the weight lives (a device finds it there)."""
+    amax = np.float32(amax)
     if not np.isfinite(amax):
         raise ValueError("cannot compute an fp8 scale: the weight holds inf or NaN")
     if amax == 0:
@@ -359,14 +364,21 @@ def quantize_scaled(w: np.ndarray, dtype: str, *, stochastic: bool = False, seed
     broadcastable array (per-row scales) is applied at once. `threads`/`pool`: as in `round_fp8`."""
     spec = _spec(dtype)
     scale = compute_scale(w, dtype) if scale is None else np.asarray(scale, dtype=np.float32)
-    with np.errstate(divide="ignore", over="ignore"):
-        inverse = np.float32(1.0) / scale
-    if not np.all(np.isfinite(inverse)) or not np.all(scale > 0):
-        raise ValueError(f"fp8 scale must be positive and finite, with a finite reciprocal (got {scale})")
+    inverse = reciprocal(scale)
     if inverse.size == 1:
         return _round(w, spec, stochastic, seed, inverse.reshape(())[()], threads, pool), scale
     scaled = np.asarray(w, dtype=np.float32) * inverse
     return _round(scaled, spec, stochastic, seed, None, threads, pool), scale
+
+
+def reciprocal(scale: np.ndarray) -> np.ndarray:
+    """float32(1) / scale: what scaled fp8 multiplies a weight by before rounding. A scale that is not positive and
+    finite, or whose reciprocal overflows, is refused."""
+    with np.errstate(divide="ignore", over="ignore"):
+        inverse = np.float32(1.0) / scale
+    if not np.all(np.isfinite(inverse)) or not np.all(scale > 0):
+        raise ValueError(f"fp8 scale must be positive and finite, with a finite reciprocal (got {scale})")
+    return inverse
 
 
 # -- ComfyUI layouts: reading ------------------------------------------------------------------------

@@ -364,9 +364,7 @@ class TorchCompute:
         f32 = w.to(self.torch.float32)
         del w
         if dtype in FP8:
-            if rounding == "nearest":
-                return Tensor(self._fp8_nearest(f32, dtype), dtype)
-            return Tensor(self._fp8_stochastic(info.name, f32, dtype), dtype)
+            return Tensor(self._fp8(info.name, f32, dtype, stochastic=rounding != "nearest"), dtype)
         return Tensor(self._to_numpy(f32, dtype), dtype)
 
     def scaled_fp8(self, info, t: Tensor, patches: list, dtype: str, stochastic: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -376,15 +374,10 @@ class TorchCompute:
 
         if not patches:
             return self.cpu.scaled_fp8(info, t, patches, dtype, stochastic)
-        torch = self.torch
-        w = self._merged(t, patches)
-        f32 = w.to(torch.float32)
-        del w
-        scale = scale_for_amax(torch.maximum(f32.max(), -f32.min()).item(), dtype)
+        f32 = self._merged(t, patches).to(self.torch.float32)
+        scale = scale_for_amax(self.torch.maximum(f32.max(), -f32.min()).item(), dtype)
         f32 *= float(reciprocal(scale))  # float32 * float32, rounded once, as numpy's
-        if stochastic:
-            return self._fp8_stochastic(info.name, f32, dtype), scale
-        return self._fp8_nearest(f32, dtype), scale
+        return self._fp8(info.name, f32, dtype, stochastic), scale
 
     # -- float64 on the device -------------------------------------------------------------------------------
     def _dev(self, t: Tensor):
@@ -460,6 +453,9 @@ class TorchCompute:
 
     def _to_numpy(self, f32, dtype: str) -> np.ndarray:
         return self._host(f32.to(_torch_dtype(self.torch, dtype)), dtype)
+
+    def _fp8(self, name: str, f32, dtype: str, stochastic: bool) -> np.ndarray:
+        return self._fp8_stochastic(name, f32, dtype) if stochastic else self._fp8_nearest(f32, dtype)
 
     def _fp8_stochastic(self, name: str, f32, dtype: str) -> np.ndarray:
         """lorabox.quant.fp8's stochastic rounding on the device: the same PCG64 draws (made on the CPU workers,

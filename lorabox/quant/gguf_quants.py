@@ -178,7 +178,7 @@ def _to_f16(v: np.ndarray, qt: str, away: bool = False) -> np.ndarray:
     """fp16 super-block scale. away=True rounds away from zero, so that the peak sub-block scale (v / d) does not
     clip; that matters for Q6_K, whose d = max|x|/4096 is an fp16 subnormal (coarse) for weights below ~0.25."""
     with np.errstate(over="ignore"):
-        h = v.astype(_F16)
+        h = v.astype(_F32).astype(_F16)  # through float32, as torch rounds float64 to float16 (gguf_torch)
         if away:
             short = np.abs(h.astype(_F32)) < np.abs(v)
             h[short] = np.nextafter(h[short], np.copysign(_F16(np.inf), v[short]).astype(_F16))
@@ -200,44 +200,50 @@ def _read_f16(col: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------------- searches
 
-def _row_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Min and max of each short row; numpy reduces a long axis 0 several times faster than a short axis 1."""
-    cols = np.ascontiguousarray(x.T)
-    return cols.min(axis=0), cols.max(axis=0)
+def _colsum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 of a [2^k, S] float32 array by halving (element i + element i + 2^(k-1), and so on), in
+    place: `a` is scratch. A fixed order, so the same bits on every device (`gguf_torch` sums the same way; numpy's
+    and torch's own reductions each pick their order); on the transposed layout each step adds contiguous slabs."""
+    n = a.shape[0]
+    while n > 1:
+        n //= 2
+        np.add(a[:n], a[n:2 * n], out=a[:n])
+    return a[0]
 
 
 def _fit_scale_min(x: np.ndarray, nmax: int, steps, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Per row of x [S, n]: (scale >= 0, offset <= 0) with x ~ scale*l + offset, l in 0..nmax.
 
     Weighted least squares (weights |x| + rms(row), as ggml's make_qkx2_quants) over the rounding given by each
-    candidate step range/(nmax + r); the offset is kept <= 0 so that it encodes as a 6-bit positive "min"."""
-    lo, hi = _row_min_max(x)
+    candidate step range/(nmax + r); the offset is kept <= 0 so that it encodes as a 6-bit positive "min".
+    Works on x.T ([n, S]): numpy reduces and broadcasts along a long axis 0 many times faster than a short axis 1."""
+    x = np.ascontiguousarray(x.T)
+    lo, hi = x.min(axis=0), x.max(axis=0)
     _check_finite(lo, hi, name)
     np.minimum(lo, 0, out=lo)
     rng = hi - lo
     ok = rng > 1e-30  # also keeps 1/rng finite in float32
     inv_rng = np.divide(1, rng, out=np.zeros_like(rng), where=ok)
-    xs = x - lo[:, None]
+    xs = x - lo
     w = np.abs(x)
-    w += np.sqrt(np.einsum("ij,ij->i", x, x) / x.shape[1])[:, None]
-    sw = np.einsum("ij->i", w).astype(_F64)
-    swx = np.einsum("ij,ij->i", w, x).astype(_F64)
+    w += np.sqrt(_colsum(x * x) / _F32(x.shape[0]))
+    swx = _colsum(w * x).astype(_F64)
+    sw = _colsum(w.copy()).astype(_F64)
 
-    best_e = np.full(x.shape[0], np.inf)
-    best_s = (rng / nmax).astype(_F64)  # kept where no candidate fits (rng == 0: a constant row)
+    best_e = np.full(x.shape[1], np.inf)
+    best_s = (rng / _F32(nmax)).astype(_F64)  # kept where no candidate fits (rng == 0: a constant row)
     best_m = lo.astype(_F64)
-    t = np.empty_like(x)
-    wl = np.empty_like(x)
+    t, wl, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         for r in steps:
-            np.multiply(xs, (inv_rng * _F32(nmax + r))[:, None], out=t)
+            np.multiply(xs, inv_rng * _F32(nmax + r), out=t)
             np.rint(t, out=t)
             if r > 0.4:
-                np.minimum(t, nmax, out=t)
+                np.clip(t, 0, nmax, out=t)  # t >= 0 already; clip is 4x faster than minimum here
             np.multiply(w, t, out=wl)
-            sl = np.einsum("ij->i", wl).astype(_F64)
-            sl2 = np.einsum("ij,ij->i", wl, t).astype(_F64)
-            slx = np.einsum("ij,ij->i", wl, x).astype(_F64)
+            sl2 = _colsum(np.multiply(wl, t, out=tmp)).astype(_F64)
+            slx = _colsum(np.multiply(wl, x, out=tmp)).astype(_F64)
+            sl = _colsum(wl).astype(_F64)
             det = sw * sl2 - sl * sl
             s = (sw * slx - swx * sl) / det
             m = (sl2 * swx - sl * slx) / det
@@ -259,25 +265,25 @@ def _fit_signed_scale(x: np.ndarray, nmax: int, steps, name: str) -> np.ndarray:
     """Per row of x [S, n]: scale with x ~ scale*l, l in -nmax..nmax-1 (ggml's make_qx_quants, weights x*x).
 
     The value of largest magnitude maps to -nmax (the longer side of the range); each candidate step is
-    |max|/(nmax + r), and the least-squares scale of the best rounding wins."""
-    lo, hi = _row_min_max(x)
+    |max|/(nmax + r), and the least-squares scale of the best rounding wins. Works on x.T, as `_fit_scale_min`."""
+    x = np.ascontiguousarray(x.T)
+    lo, hi = x.min(axis=0), x.max(axis=0)
     _check_finite(lo, hi, name)
     vmax = np.where(hi >= -lo, hi, lo)
     ok = np.abs(vmax) >= _EPS
     neg_inv = np.divide(-1, vmax, out=np.zeros_like(vmax), where=ok)
     w = x * x
-    best = np.zeros(x.shape[0])
-    best_s = np.zeros(x.shape[0])
-    t = np.empty_like(x)
-    wl = np.empty_like(x)
+    best = np.zeros(x.shape[1])
+    best_s = np.zeros(x.shape[1])
+    t, wl, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         for r in steps:
-            np.multiply(x, (neg_inv * _F32(nmax + r))[:, None], out=t)
+            np.multiply(x, neg_inv * _F32(nmax + r), out=t)
             np.rint(t, out=t)
             np.clip(t, -nmax, nmax - 1, out=t)
             np.multiply(w, t, out=wl)
-            slx = np.einsum("ij,ij->i", wl, x).astype(_F64)
-            sl2 = np.einsum("ij,ij->i", wl, t).astype(_F64)
+            slx = _colsum(np.multiply(wl, x, out=tmp)).astype(_F64)
+            sl2 = _colsum(np.multiply(wl, t, out=tmp)).astype(_F64)
             score = np.where(sl2 > 0, slx * slx / sl2, 0.0)  # error reduction of the least-squares scale
             better = score > best
             best = np.where(better, score, best)

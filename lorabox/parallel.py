@@ -20,6 +20,9 @@ def cpus() -> int:
     return os.cpu_count() or 1
 
 
+READ_AHEAD = WRITE_BEHIND = 192 << 20  # a merge's bytes of inputs read ahead / outputs waiting to be written
+
+
 def run_chunks(work: Callable[[int], None], starts: Iterable[int], threads: int | None = None,
                pool: ThreadPoolExecutor | None = None) -> None:
     """Call `work(start)` for every start, on up to `threads` threads (default: `cpus()`), or on `pool`'s threads

@@ -7,12 +7,14 @@ writes the LoRA-targetable weights and biases under their bare BFL names, everyt
 diffusers' names. A kohya LoRA of the given rank on every targetable weight (`lora_unet_<SGM or BFL name, . -> _>`)
 is merged at 0.8; the script reports wall time, peak RSS of the merge process, and the ratio to a plain copy (`cp`)
 of the same file in the same run, for each `--device` given, then once more with the base's sha256 remembered from
-the first merge (the next LoRA on the same base). `--dtype fp8_e4m3fn` times an fp8 output instead.
+the first merge (the next LoRA on the same base). `--dtype fp8_e4m3fn` times an fp8 output instead, `--quant
+Q8_0` (or any GGUF type) a GGUF output.
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench --keep   # needs ~50 GB free
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --rounds 5   # median ratios of 5 interleaved rounds
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha and diffusers
+    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --quant Q4_K --dir /work/bench_sdxl --keep
     .venv/bin/python scripts/bench_merge.py --model sdxl --peer --check --subset 'input_blocks\.4\.'   # quick
 
 With --peer (SDXL), sd-mecha (scripts/peer_sdmecha_merge.py: add_difference of the LoRA converted to `sdxl-sgm`)
@@ -174,6 +176,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="with --peer: compare sd-mecha's merge with lorabox's")
     ap.add_argument("--dtype", default="keep", help="lorabox merge --dtype (fp8_e4m3fn: stochastic rounding of the "
                     "patched weights, the default for fp8)")
+    ap.add_argument("--quant", help="lorabox merge --quant (Q8_0, Q4_K, ...): write GGUF instead, as ComfyUI-GGUF "
+                    "lays it out (the denoiser only); overrides --dtype")
     ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
                     "(the default: CUDA when present), cpu, cuda")
     ap.add_argument("--io", choices=["direct", "buffered"], default="direct", help="how the base is read and the "
@@ -258,11 +262,12 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
         if device == "again":  # the everyday case of another LoRA on the same base: its digest is remembered
             device, label = devices[0], "again"
             print("again, the base's sha256 remembered from the first merge:", end=" ")
+        output = ["--quant", args.quant] if args.quant else ["--dtype", args.dtype]
         t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o",
-                            str(out), "--overwrite", "--json", "--device", device, "--dtype", args.dtype])
+                            str(out), "--overwrite", "--json", "--device", device, *output])
         timings.append((t_merge, rss))
         ratios.setdefault(label, []).append(t_merge / t_copy)
-        print(f"lorabox merge (--device {device} --dtype {args.dtype}, {args.io} I/O): {t_merge:.1f} s "
+        print(f"lorabox merge (--device {device} {' '.join(output)}, {args.io} I/O): {t_merge:.1f} s "
               f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
               f"ratio to copy {t_merge / t_copy:.2f}")
     return timings

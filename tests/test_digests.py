@@ -43,7 +43,7 @@ def test_a_base_merged_again_is_not_hashed_again(files, tmp_path, monkeypatch):
     merge(base, [(lora, 0.8)], tmp_path / "a.safetensors")
     assert _recorded(tmp_path / "a.safetensors") == _sha256(base)
     assert digests.known(os.stat(base)) == _sha256(base)
-    monkeypatch.setattr(engine, "hashlib", _NoHashing)
+    monkeypatch.setattr(digests, "hashlib", _NoHashing)
     merge(base, [(lora, 0.5)], tmp_path / "b.safetensors")
     assert _recorded(tmp_path / "b.safetensors") == _sha256(base)
 
@@ -105,3 +105,41 @@ def test_unhashed_bases_are_read_ahead_of_the_compute(files, tmp_path, monkeypat
     n = len(read_tensors(base)[0])
     assert len(touched) == n and sum(touched) >= os.path.getsize(base) - 8 - 65536
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def _recorded_gguf(out) -> str:
+    from lorabox.io.gguf import open_gguf
+
+    with open_gguf(out) as g:
+        return json.loads(g.kv["lorabox.merge"])["base"]["sha256"]
+
+
+@pytest.mark.parametrize("kind", ["quant", "gguf base"])
+def test_gguf_merges_hash_the_base_while_reading_it(tmp_path, monkeypatch, kind):
+    """The base's sha256 is taken on the reading thread and filled into the GGUF header at the end: every byte,
+    the header and the text encoders' tensors the GGUF output leaves out included; the next merge remembers it."""
+    from lorabox.tensor import Tensor
+    from tests.test_merge_gguf import _gguf_base, _lora
+
+    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr("lorabox.merge.gguf_merge.HASH_STEP", 1000)  # skipped ranges read in several pieces
+    rng = np.random.default_rng(1)
+    if kind == "quant":
+        base = tmp_path / "base.safetensors"
+        tensors = {"model.diffusion_model." + k: v for k, v in flux_base(rng, "BF16", n_in=256).items()}
+        tensors.update({f"text_encoders.clip_l.w{i}": Tensor.from_values(rng.standard_normal((8, 300)), "F16")
+                        for i in range(3)})  # sorted around the denoiser
+        tensors["a_first.weight"] = Tensor.from_values(rng.standard_normal(5000), "F32")
+        write_tensors(base, tensors)
+        kw = dict(quant="Q8_0")
+    else:
+        base = tmp_path / "base.gguf"
+        _gguf_base(base, rng, "Q4_0")
+        kw = {}
+    _, lora = _lora(tmp_path)
+    merge(base, [(lora, 0.8)], tmp_path / "a.gguf", **kw)
+    assert _recorded_gguf(tmp_path / "a.gguf") == _sha256(base)
+    assert digests.known(os.stat(base)) == _sha256(base)
+    monkeypatch.setattr(digests, "hashlib", _NoHashing)
+    merge(base, [(lora, 0.5)], tmp_path / "b.gguf", **kw)
+    assert _recorded_gguf(tmp_path / "b.gguf") == _sha256(base)

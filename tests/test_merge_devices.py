@@ -11,6 +11,7 @@ from lorabox.io.safetensors import read_tensors, write_tensors
 from lorabox.lora import Adapter
 from lorabox.merge.compute import NumpyCompute, TorchCompute, make_compute
 from lorabox.merge.engine import merge
+from lorabox.quant.gguf_quants import QTYPES
 from lorabox.tensor import Tensor
 from tests.helpers import rand, random_lora
 from tests.test_merge import _scaled_base, flux_base, write_lora
@@ -96,6 +97,40 @@ def test_torch_path_equals_numpy_path_making_scaled_fp8(tmp_path, device, layout
     write_tensors(tmp_path / "base.safetensors", base)
     _same_outputs(tmp_path, tmp_path / "base.safetensors", _loras(tmp_path), device, dtype="fp8_e4m3fn",
                   rounding=rounding, fp8_layout=layout)
+
+
+def _same_files(tmp_path, base_path, loras, device, **kw):
+    """GGUF outputs: byte for byte the same file from the numpy kernels, torch's CPU kernels and TorchCompute."""
+    outs = []
+    for name, compute in (("cpu", NumpyCompute(kernels="numpy")), ("kernels", NumpyCompute(kernels="torch")),
+                          ("dev", TorchCompute(device))):
+        report = merge(base_path, loras, tmp_path / f"{name}.gguf", compute=compute, **kw)
+        assert report.device == compute.name and report.merged > 0
+        outs.append((tmp_path / f"{name}.gguf").read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_torch_path_equals_numpy_path_writing_gguf(tmp_path, device, qtype):
+    """`--quant`: patched weights merged and block-quantized on the device, untouched ones quantized there too."""
+    from tests.test_merge_gguf import _lora
+
+    base = flux_base(np.random.default_rng(6), "BF16", n_in=256)
+    write_tensors(tmp_path / "base.safetensors", {"model.diffusion_model." + k: v for k, v in base.items()})
+    _, lora = _lora(tmp_path)
+    _same_files(tmp_path, tmp_path / "base.safetensors", [(lora, 0.8)], device, quant=qtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_1", "Q4_K", "Q6_K"])
+def test_torch_path_equals_numpy_path_on_a_gguf_base(tmp_path, device, qtype):
+    """A GGUF base keeps its types: patched weights decoded on the host, merged and quantized again on the device."""
+    from tests.test_merge_gguf import _gguf_base, _lora
+
+    _gguf_base(tmp_path / "base.gguf", np.random.default_rng(7), qtype)
+    _, lora = _lora(tmp_path)
+    _same_files(tmp_path, tmp_path / "base.gguf", [(lora, -0.6)], device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

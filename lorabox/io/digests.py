@@ -13,12 +13,14 @@ be written is skipped: the digest is then computed each time, as it would be wit
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
+PENDING = "?" * 64  # a digest's placeholder in a header written before the file has been read through
 CACHE_MIN_BYTES = 64 << 20  # smaller files hash in well under a second: not worth an entry
 MAX_ENTRIES = 512
 VERSION = 1
@@ -99,3 +101,22 @@ def file_sha256(path) -> str:
         digest = h.hexdigest()
         remember(path, digest, before, os.fstat(f.fileno()))
     return digest
+
+
+class WhileReading:
+    """The sha256 of a file a merge reads front to back anyway: the remembered digest when there is one (`hasher`
+    is then None), else `hasher` is to be fed every byte of the file in order; `finish()` gives the digest and
+    remembers it. Spares a first merge a read of the whole base before it starts."""
+
+    def __init__(self, path, fd: int):
+        self.path, self.fd = path, fd
+        self.before = os.fstat(fd)
+        self.digest = known(self.before)
+        self.hasher = None if self.digest else hashlib.sha256()
+
+    def finish(self) -> str:
+        if self.hasher is not None:
+            self.digest = self.hasher.hexdigest()
+            remember(self.path, self.digest, self.before, os.fstat(self.fd))
+            self.hasher = None
+        return self.digest

@@ -158,8 +158,8 @@ def open_gguf(path: str | os.PathLike) -> GGUFBase:
 
 # ---------------------------------------------------------------------------------------------- value coding
 
-def decode(raw: np.ndarray, qtype: str, stored_shape) -> np.ndarray:
-    """Bytes of one tensor -> float32 array of `stored_shape`."""
+def decode(raw: np.ndarray, qtype: str, stored_shape, pool=None) -> np.ndarray:
+    """Bytes of one tensor -> float32 array of `stored_shape` (`pool`: an executor for the block decoders)."""
     shape = tuple(int(n) for n in stored_shape)
     raw = np.asarray(raw).reshape(-1).view(np.uint8)
     if qtype == "F32":
@@ -170,13 +170,14 @@ def decode(raw: np.ndarray, qtype: str, stored_shape) -> np.ndarray:
         return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
     from ..quant import gguf_quants as gq
     if qtype in gq.QTYPES:
-        return gq.dequantize(raw, qtype, shape)
+        return gq.dequantize(raw, qtype, shape, pool=pool)
     import gguf  # any other type gguf-py decodes (Q2_K, Q3_K, IQ*...): slower, numpy only
     return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float32).reshape(shape)
 
 
-def encode(values: np.ndarray, qtype: str, stored_shape=None) -> np.ndarray:
-    """Float values -> the bytes `GGUFStreamWriter.write` takes for `qtype` (reshaped to `stored_shape` first)."""
+def encode(values: np.ndarray, qtype: str, stored_shape=None, pool=None) -> np.ndarray:
+    """Float values -> the bytes `GGUFStreamWriter.write` takes for `qtype` (reshaped to `stored_shape` first;
+    `pool`: an executor for the block quantizers)."""
     x = np.asarray(values)
     if stored_shape is not None:
         x = x.reshape(tuple(stored_shape))
@@ -188,7 +189,7 @@ def encode(values: np.ndarray, qtype: str, stored_shape=None) -> np.ndarray:
         from ..tensor import Tensor
         return Tensor.from_values(x, "BF16").array
     from ..quant import gguf_quants as gq
-    return gq.quantize(x, qtype)
+    return gq.quantize(x, qtype, pool=pool)
 
 
 def tensor_nbytes(qtype: str, shape) -> int:
@@ -293,9 +294,12 @@ class GGUFStreamWriter(AtomicWriter):
             w.write_header_to_file(path=Path(self._tmp))
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
+            w.fout[0].flush()
+            self._header_end = w.fout[0].tell()  # metadata and tensor infos: where `fill` finds its placeholders
         except BaseException:
             self.abort()
             raise
+        self._fills: list[tuple[bytes, bytes]] = []
         self._writeback = Writeback(w.fout[0])
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -315,9 +319,23 @@ class GGUFStreamWriter(AtomicWriter):
         self._writeback()
         self._next += 1
 
+    def fill(self, placeholder: str, value: str) -> None:
+        """Replace a metadata placeholder with a value of the same length (written in place on close)."""
+        old, new = placeholder.encode(), value.encode()
+        if len(old) != len(new):
+            raise ValueError("placeholder and value must have the same length")
+        self._fills.append((old, new))
+
     def _finish(self) -> None:
         fout = self._writer.fout[0]
         fout.flush()
+        if self._fills:
+            with open(self._tmp, "rb") as f:  # the writer's own file is write-only
+                head = bytearray(f.read(self._header_end))
+            for old, new in self._fills:
+                at = head.index(old)
+                head[at:at + len(new)] = new
+                os.pwrite(fout.fileno(), bytes(head[at:at + len(new)]), at)
         os.fsync(fout.fileno())
         self._writer.close()
 

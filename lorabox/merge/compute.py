@@ -178,6 +178,11 @@ class NumpyCompute:
         return quantize_scaled(f32, dtype, stochastic=stochastic, seed=seed_for_key(info.name) if stochastic else None,
                                threads=self.threads, pool=self.pool)
 
+    def gguf(self, info, t: Tensor, patches: list, qtype: str, stored_shape) -> np.ndarray:
+        """`t` patched, as float32, encoded as the GGUF type `qtype` in `stored_shape`: what `GGUFStreamWriter.write`
+        takes (block bytes, or the float16/bfloat16/float32 array); the block quantizers run on the workers."""
+        return _gguf_on_host(self, info, t, patches, qtype, stored_shape)
+
     def _patched(self, info, t: Tensor, patches: list, dtype: str, fused: bool) -> np.ndarray:
         if info.name.endswith(".bias") or t.ndim == 1:
             return self._round(apply_bias(t.values(), patches), dtype)
@@ -277,6 +282,15 @@ class NumpyCompute:
         return block
 
 
+def _gguf_on_host(compute, info, t: Tensor, patches: list, qtype: str, stored_shape) -> np.ndarray:
+    from ..io.gguf import encode
+
+    if not patches and qtype == t.dtype and qtype in ("F32", "F16", "BF16"):
+        return t.array  # kept as it is
+    values = compute.process(info, t, patches, "F32").array if patches else t.values32()
+    return encode(values, qtype, stored_shape, pool=compute.pool)
+
+
 def _buffer(torch, local: threading.local, name: str, n: int, dtype):
     """The first `n` elements of a flat buffer kept per worker thread (at least a tile's worth)."""
     buf = getattr(local, name, None)
@@ -327,8 +341,8 @@ class TorchCompute:
     """The GPU path: the whole weight in float64 on the device, the same operations in the same order as
     `NumpyCompute`, and torch's own rounding (to float32, then to the output dtype). fp8 rounding runs on the
     device too, ComfyUI scaled fp8's included: nearest as torch's cast, stochastic from the CPU path's PCG64 draws
-    (made on the CPU workers) with the same integer steps, so the bytes do not depend on the device. GGUF
-    quantization runs on the CPU workers from the device's float32 result."""
+    (made on the CPU workers) with the same integer steps, so the bytes do not depend on the device. GGUF block
+    quantization too (`gguf`: `lorabox.quant.gguf_torch`, the CPU path's steps); only the blocks come back."""
 
     def __init__(self, device: str = "cuda"):
         import warnings
@@ -378,6 +392,23 @@ class TorchCompute:
         scale = scale_for_amax(self.torch.maximum(f32.max(), -f32.min()).item(), dtype)
         f32 *= float(reciprocal(scale))  # float32 * float32, rounded once, as numpy's
         return self._fp8(info.name, f32, dtype, stochastic), scale
+
+    def gguf(self, info, t: Tensor, patches: list, qtype: str, stored_shape) -> np.ndarray:
+        """`NumpyCompute.gguf` with the block quantization on the device, untouched weights' included (2 bytes per
+        parameter go there, at most 1.07 come back); float16/bfloat16/float32 outputs are cast on the host."""
+        from ..quant.gguf_quants import QTYPES
+        from ..quant.gguf_torch import quantize
+
+        if qtype not in QTYPES:
+            return _gguf_on_host(self, info, t, patches, qtype, stored_shape)
+        torch = self.torch
+        if patches and not (info.name.endswith(".bias") or t.ndim == 1):
+            f32 = self._merged(t, patches).to(torch.float32)
+        else:
+            src = self.cpu.process(info, t, patches, "F32") if patches else t
+            x = _to_torch(torch, src) if src.dtype in TORCH_FLOATS else torch.from_numpy(src.values32())
+            f32 = x.to(self.device).to(torch.float32)
+        return self._host(quantize(f32.reshape(tuple(stored_shape)), qtype), "U8")
 
     # -- float64 on the device -------------------------------------------------------------------------------
     def _dev(self, t: Tensor):

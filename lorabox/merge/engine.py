@@ -5,7 +5,6 @@ tensors whatever the checkpoint size; the output is atomic and carries a `lorabo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import mmap
@@ -25,7 +24,7 @@ from ..errors import InputFileError, LoraboxError, OutputError, UnknownArchitect
 from ..io import digests, direct
 from ..io.files import commit
 from ..io.safetensors import StreamWriter, release, same_file
-from ..parallel import Behind, BufferPool, prefetch
+from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, BufferPool, prefetch
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
@@ -34,7 +33,6 @@ from .plan import Plan, factors, make_plan
 
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-PENDING = "?" * 64  # placeholder for the base digest, filled in once the shard has been read
 
 
 @dataclass
@@ -145,10 +143,10 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
         if progress:
             progress(done, total)
 
-    if gguf_base or quant:  # GGUF: the base's digest is taken before streaming (no header to patch later)
-        record["base"] = {"file": Path(base_path).name, "sha256": digests.file_sha256(Path(base_path))}
+    if gguf_base or quant:  # GGUF: the base's digest is taken while it streams, as for safetensors
+        record["base"] = {"file": Path(base_path).name, "sha256": digests.PENDING}
         kwargs = dict(arch=arch, block_ratios=block_ratios, drop_unknown=drop_unknown, record=record,
-                      report=report, tick=tick, process=compute.process)
+                      report=report, tick=tick, compute=compute)
         with compute.session():  # BLAS threads vs row-block workers: see NumpyCompute.session
             if gguf_base:
                 report.bytes_written = merge_gguf_base(Path(base_path), read, output, **kwargs)
@@ -325,7 +323,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
                  tick, compute, fp8_layout: str | None) -> int:
     scaled = _scaled_plan(shard, dtype, fp8_layout)
     entries = _entries(shard, dtype, scaled)
-    rec = dict(record, base={"file": shard.path.name, "sha256": PENDING})
+    rec = dict(record, base={"file": shard.path.name, "sha256": digests.PENDING})
     metadata = dict(shard.metadata)
     if scaled.mode == "dequantize":
         metadata.pop("_quantization_metadata", None)
@@ -333,17 +331,12 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
     fd = os.open(shard.path, os.O_RDONLY)
     reader = None
     try:
-        before = os.fstat(fd)
-        digest = digests.known(before)  # a base merged before: its digest is remembered (io/digests.py)
-        hasher = None if digest else hashlib.sha256()
-        rfd = direct.open_read(shard.path) if direct.wanted_for_reading(before.st_size) else None
+        digest = digests.WhileReading(shard.path, fd)  # a base merged before: remembered (io/digests.py)
+        rfd = direct.open_read(shard.path) if direct.wanted_for_reading(digest.before.st_size) else None
         reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=READ_KEEP))
         with StreamWriter(path, entries, metadata) as writer:
-            _stream(shard, fd, hasher, reader, plan, dtype, rounding, scaled, writer, report, tick, compute)
-            if hasher is not None:
-                digest = hasher.hexdigest()
-                digests.remember(shard.path, digest, before, os.fstat(fd))
-            writer.fill(PENDING, digest)
+            _stream(shard, fd, digest.hasher, reader, plan, dtype, rounding, scaled, writer, report, tick, compute)
+            writer.fill(digests.PENDING, digest.finish())
             size = writer.size
     finally:
         if reader is not None:
@@ -431,9 +424,6 @@ def _touch(view) -> None:
     52.6-75.1 s, 48.7-49.2 s with this (2 cores, alternating runs)."""
     if len(view):
         np.frombuffer(view, np.uint8)[::mmap.PAGESIZE].max()
-
-
-READ_AHEAD = WRITE_BEHIND = 192 << 20  # bytes of base tensors read ahead / outputs waiting to be written
 
 
 def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, rounding: str, scaled: ScaledPlan,

@@ -4,6 +4,7 @@ float64, rounded to float32 and quantized again to their own type; untouched ten
 `model.diffusion_model.`, which tensors stay F32/F16/BF16, reshapes with `comfy.gguf.orig_shape`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,8 +14,10 @@ import numpy as np
 
 from ..errors import OutputError, UnknownArchitecture
 from ..io.files import pread_exact
-from ..io.gguf import GGUFStreamWriter, encode, open_gguf, plan_qtypes
+from ..io import digests
+from ..io.gguf import GGUFStreamWriter, decode, open_gguf, plan_qtypes
 from ..io.safetensors import release
+from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, prefetch
 from ..tensor import Tensor, storage_dtype
 from .base import open_base
 from .plan import factors, make_plan
@@ -33,7 +36,7 @@ def is_gguf(path: Path) -> bool:
 
 
 def merge_gguf_base(base_path: Path, loras, output: Path, *, arch, block_ratios, drop_unknown, record, report, tick,
-                    process) -> int:
+                    compute) -> int:
     g = open_gguf(base_path)
     try:
         name = arch or LORABOX_ARCH.get(g.architecture or "")
@@ -45,25 +48,26 @@ def merge_gguf_base(base_path: Path, loras, output: Path, *, arch, block_ratios,
         report.architecture, report.layout, report.dropped = plan.architecture, "gguf", plan.dropped
         kv = dict(g.kv, **{"lorabox.merge": json.dumps(record, sort_keys=True)})
         entries = [(t.name, t.qtype, t.shape, t.stored_shape) for t in g.tensors]
-        with GGUFStreamWriter(output, g.architecture, entries, kv, g.kv_types) as w:
-            for t in g.tensors:
-                patches = plan.patches.get(t.name)
-                if patches:
-                    merged = process(SimpleNamespace(name=t.name), Tensor(g.read(t), "F32"), patches, "F32")
-                    release(factors(patches))  # as the engine does
-                    w.write(t.name, encode(merged.array, t.qtype, t.stored_shape))
-                else:
-                    w.write(t.name, g.read_raw(t))
-                report.tensors += 1
-                report.merged += bool(patches)
-                tick(t.nbytes)
+        fd = os.open(base_path, os.O_RDONLY)
+        try:
+            with GGUFStreamWriter(output, g.architecture, entries, kv, g.kv_types) as w:
+                def step(t, raw):
+                    patches = plan.patches.get(t.name)
+                    if not patches:
+                        return raw  # copied byte for byte
+                    values = Tensor(decode(raw, t.qtype, t.stored_shape, pool=compute.pool).reshape(t.shape), "F32")
+                    return compute.gguf(t, values, patches, t.qtype, t.stored_shape)
+
+                _stream(base_path, fd, [(t, t.offset, t.nbytes) for t in g.tensors], step, w, plan, report, tick)
+        finally:
+            os.close(fd)
     finally:
         g.close()
     return output.stat().st_size
 
 
 def merge_to_gguf(base_path: Path, loras, output: Path, qtype: str, *, arch, block_ratios, drop_unknown, record,
-                  report, tick, process) -> int:
+                  report, tick, compute) -> int:
     if qtype not in QUANTS:
         raise OutputError(f"unknown --quant {qtype!r}.", hint=f"Use one of {', '.join(QUANTS)}.")
     base = open_base(base_path)
@@ -79,24 +83,70 @@ def merge_to_gguf(base_path: Path, loras, output: Path, qtype: str, *, arch, blo
     gname = {t.name: t.name[len(prefix):] if t.name.startswith(prefix) else t.name for t in infos}
     types = plan_qtypes([(gname[t.name], t.shape, t.dtype) for t in infos], qtype, GGUF_ARCH[plan.architecture])
     entries = [(gname[t.name], q, t.shape, stored) for t, (q, stored) in zip(infos, types)]
+    target = {t.name: qs for t, qs in zip(infos, types)}
     kv = {"lorabox.merge": json.dumps(dict(record, quant=qtype), sort_keys=True)}
     fd = os.open(base.shards[0].path, os.O_RDONLY)
     try:
         with GGUFStreamWriter(output, GGUF_ARCH[plan.architecture], entries, kv) as w:
-            for info, (q, stored) in zip(infos, types):
-                t = _pread(fd, info)
-                patches = plan.patches.get(info.name, [])
-                values = process(info, t, patches, "F32").array if patches else t.values32()
-                release(factors(patches))
-                w.write(gname[info.name], encode(values, q, stored))
-                report.tensors += 1
-                report.merged += bool(patches)
-                tick(info.nbytes)
+            def step(info, raw):
+                q, stored = target[info.name]
+                t = Tensor(np.frombuffer(raw, dtype=storage_dtype(info.dtype)).reshape(info.shape), info.dtype)
+                return compute.gguf(info, t, plan.patches.get(info.name, []), q, stored)
+
+            _stream(base.shards[0].path, fd, [(t, t.offset, t.nbytes) for t in infos], step, w, plan, report, tick,
+                    gname)
     finally:
         os.close(fd)
     return output.stat().st_size
 
 
-def _pread(fd: int, info) -> Tensor:
-    buf = pread_exact(fd, info.nbytes, info.offset, path=info.file, what=f"tensor {info.name!r}")
-    return Tensor(np.frombuffer(buf, dtype=storage_dtype(info.dtype)).reshape(info.shape), info.dtype)
+def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, plan, report, tick,
+            names: dict | None = None) -> None:
+    """Read ahead (a thread), `step` each tensor here (its block work on the compute's workers), write behind (a
+    thread), with bounded bytes in flight, as the safetensors merge streams: reading, quantizing and writing
+    overlap rather than take turns. The base's sha256 is taken on the reading thread (`_read_in_order`) and filled
+    into the output's record at the end. `items`: (tensor, offset, nbytes) in output order; `names`: the output's
+    name of each input tensor, where they differ."""
+    def write(job):
+        key, data, nbytes = job
+        writer.write(key, data)
+        tick(nbytes)
+
+    digest = digests.WhileReading(path, fd)
+    if digest.hasher is not None and [o for _, o, _ in items] != sorted(o for _, o, _ in items):
+        digest.hasher = None  # not in file order (no writer of these files does that): hashed first instead
+        digest.digest = digests.file_sha256(path)
+    reads = _read_in_order(path, fd, items, digest.hasher)
+    ahead = prefetch(reads, READ_AHEAD, lambda item: item[0].nbytes)
+    with contextlib.closing(ahead), Behind(write, WRITE_BEHIND) as behind:
+        for info, raw in ahead:
+            data = step(info, raw)
+            patches = plan.patches.get(info.name)
+            release(factors(patches or []))  # merged: a LoRA's pages go, as in the engine
+            report.tensors += 1
+            report.merged += bool(patches)
+            behind.put(((names or {}).get(info.name, info.name), data, info.nbytes), data.nbytes)
+    writer.fill(digests.PENDING, digest.finish())
+
+
+HASH_STEP = 16 << 20  # bytes per read of what lies between (or after) the tensors a merge reads, when hashing
+
+
+def _read_in_order(path: Path, fd: int, items: list, hasher):
+    """(tensor, uint8 bytes) for each (tensor, offset, nbytes) of `items`; with `hasher`, every byte of the file
+    goes through it in order, the header, padding and tensors the merge skips included (`items` in file order)."""
+    def skip_to(end: int) -> None:
+        for at in range(pos, end, HASH_STEP):
+            hasher.update(pread_exact(fd, min(HASH_STEP, end - at), at, path=path, what="the file"))
+
+    pos = 0
+    for item, offset, nbytes in items:
+        if hasher is not None:
+            skip_to(offset)
+        buf = pread_exact(fd, nbytes, offset, path=path, what=f"tensor {item.name!r}")
+        if hasher is not None:
+            hasher.update(buf)
+        pos = offset + nbytes
+        yield item, np.frombuffer(buf, np.uint8)
+    if hasher is not None:
+        skip_to(os.fstat(fd).st_size)

@@ -80,7 +80,7 @@ _check_layouts()
 
 # ---------------------------------------------------------------------------------------------------- public API
 
-def quantize(array: np.ndarray, qtype: str, *, threads: int | None = None) -> np.ndarray:
+def quantize(array: np.ndarray, qtype: str, *, threads: int | None = None, pool=None) -> np.ndarray:
     """Quantize a float tensor to a GGUF block type.
 
     Args:
@@ -88,6 +88,7 @@ def quantize(array: np.ndarray, qtype: str, *, threads: int | None = None) -> np
             (32, or 256 for the K-quants).
         qtype: one of `QTYPES` ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K").
         threads: worker threads (default: the CPUs this process may use); the bytes do not depend on it.
+        pool: an executor whose threads run the chunks (the merge's workers) rather than threads made per call.
 
     Returns:
         uint8 array of shape `[*array.shape[:-1], row_bytes]`, the tensor data of a GGUF file.
@@ -112,15 +113,15 @@ def quantize(array: np.ndarray, qtype: str, *, threads: int | None = None) -> np
             chunk = np.ascontiguousarray(chunk, dtype=_F32)
             _check_finite(chunk.min(), chunk.max(), qt)
             return _gq.quantize(chunk.reshape(-1), qt).reshape(-1, ts)
-        _map_blocks(encode, x.reshape(-1, bs), out, _CHUNK_LEGACY, threads)
+        _map_blocks(encode, x.reshape(-1, bs), out, _CHUNK_LEGACY, threads, pool)
     else:
         encode_k = _ENCODERS[qt.name]
         _map_blocks(lambda chunk: encode_k(np.ascontiguousarray(chunk, dtype=_F32)), x.reshape(-1, bs), out,
-                    _CHUNK_SUPER, threads)
+                    _CHUNK_SUPER, threads, pool)
     return out.reshape(*x.shape[:-1], x.shape[-1] // bs * ts)
 
 
-def dequantize(data: np.ndarray, qtype: str, shape, *, threads: int | None = None) -> np.ndarray:
+def dequantize(data: np.ndarray, qtype: str, shape, *, threads: int | None = None, pool=None) -> np.ndarray:
     """Decode GGUF block data back to float32.
 
     Args:
@@ -128,6 +129,7 @@ def dequantize(data: np.ndarray, qtype: str, shape, *, threads: int | None = Non
         qtype: one of `QTYPES`.
         shape: the float tensor's shape (the last dimension a multiple of the block size).
         threads: worker threads (default: the CPUs this process may use).
+        pool: as for `quantize`.
 
     Returns:
         float32 array of `shape`.
@@ -151,21 +153,21 @@ def dequantize(data: np.ndarray, qtype: str, shape, *, threads: int | None = Non
     out = np.empty((n_blocks, bs), _F32)
     if qt.name in LEGACY:
         decode = lambda chunk: _gq.dequantize(chunk.reshape(-1), qt).reshape(-1, bs)  # noqa: E731
-        _map_blocks(decode, raw.reshape(n_blocks, ts), out, _CHUNK_LEGACY, threads)
+        _map_blocks(decode, raw.reshape(n_blocks, ts), out, _CHUNK_LEGACY, threads, pool)
     else:
-        _map_blocks(_DECODERS[qt.name], raw.reshape(n_blocks, ts), out, _CHUNK_SUPER, threads)
+        _map_blocks(_DECODERS[qt.name], raw.reshape(n_blocks, ts), out, _CHUNK_SUPER, threads, pool)
     return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------- plumbing
 
 def _map_blocks(fn: Callable[[np.ndarray], np.ndarray], src: np.ndarray, out: np.ndarray, chunk: int,
-                threads: int | None) -> None:
+                threads: int | None, pool=None) -> None:
     """out[a:b] = fn(src[a:b]) over chunks of `chunk` blocks, in parallel (see lorabox.parallel)."""
     def work(a: int) -> None:
         out[a:a + chunk] = fn(src[a:a + chunk])
 
-    run_chunks(work, range(0, src.shape[0], chunk), threads)
+    run_chunks(work, range(0, src.shape[0], chunk), threads, pool)
 
 
 def _check_finite(lo, hi, qt) -> None:

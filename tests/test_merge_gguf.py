@@ -100,3 +100,19 @@ def test_gguf_base_refuses_dtype_and_quant(tmp_path):
     with pytest.raises(OutputError, match="keeping its types"):
         merge(tmp_path / "base.gguf", [(path, 1.0)], tmp_path / "o.gguf", quant="Q4_0")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_gguf_base_of_a_type_lorabox_cannot_encode_stops_before_writing(tmp_path):
+    """A Q3_K tensor the LoRA patches: refused up front (gguf-py decodes Q3_K but nothing here encodes it)."""
+    from lorabox.errors import OutputError
+
+    base = flux_base(np.random.default_rng(2), "F32", n_in=256)
+    entries = [(k, "Q3_K" if t.ndim == 2 else "F32", t.shape) for k, t in base.items()]
+    with GGUFStreamWriter(tmp_path / "base.gguf", "flux", entries) as w:
+        for key, q, shape in entries:
+            w.write(key, np.zeros(int(np.prod(shape)) // 256 * 110, np.uint8) if q == "Q3_K" else base[key].values32())
+    _, path = _lora(tmp_path)
+    with pytest.raises(OutputError, match=r"base\.gguf: the LoRA patches \d+ tensor\(s\) of type Q3_K \(first: "
+                                          r".*\), which lorabox cannot quantize again"):
+        merge(tmp_path / "base.gguf", [(path, 1.0)], tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists() and not list(tmp_path.glob(".o.gguf*"))

@@ -46,6 +46,7 @@ def merge_gguf_base(base_path: Path, loras, output: Path, *, arch, block_ratios,
         view = SimpleNamespace(path=base_path, tensors={t.name: t for t in g.tensors})
         plan = make_plan(view, loras, arch=name, block_ratios=block_ratios, drop_unknown=drop_unknown)
         report.architecture, report.layout, report.dropped = plan.architecture, "gguf", plan.dropped
+        _check_requantizable(base_path, [t for t in g.tensors if plan.patches.get(t.name)])
         kv = dict(g.kv, **{"lorabox.merge": json.dumps(record, sort_keys=True)})
         entries = [(t.name, t.qtype, t.shape, t.stored_shape) for t in g.tensors]
         fd = os.open(base_path, os.O_RDONLY)
@@ -98,6 +99,19 @@ def merge_to_gguf(base_path: Path, loras, output: Path, qtype: str, *, arch, blo
     finally:
         os.close(fd)
     return output.stat().st_size
+
+
+def _check_requantizable(path: Path, patched: list) -> None:
+    """Before anything is written: every patched tensor's type is one lorabox can encode again."""
+    from ..quant.gguf_quants import QTYPES
+
+    other = sorted({t.qtype for t in patched if t.qtype not in QTYPES + ("F32", "F16", "BF16")})
+    if other:
+        names = [t.name for t in patched if t.qtype in other]
+        raise OutputError(f"{path}: the LoRA patches {len(names)} tensor(s) of type {', '.join(other)} "
+                          f"(first: {names[0]}), which lorabox cannot quantize again.",
+                          hint=f"Merge into the safetensors checkpoint and write GGUF with --quant "
+                               f"({', '.join(QUANTS)}), or use a base of those types.")
 
 
 def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, plan, report, tick,

@@ -21,7 +21,8 @@ from gguf import GGML_QUANT_SIZES, QK_K
 
 from . import gguf_quants as gq
 
-CHUNK = 1 << 22  # values per step: the K-quant search holds about ten float32 temporaries of a step
+CHUNK = 1 << 24  # values per step: the K-quant search holds about ten float32 temporaries of a step (640 MB on
+# the device), and launches some 150 kernels per step, so steps are few: three for a FLUX.1 MLP weight
 
 
 def quantize(x, qtype: str):

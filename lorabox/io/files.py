@@ -37,9 +37,10 @@ def discard(tmp: Path) -> None:
         pass
 
 
-def pread_exact(fd: int, nbytes: int, offset: int, *, path, what: str) -> bytearray:
-    """Exactly `nbytes` from `offset`, or an InputFileError naming the file and what was being read."""
-    buf = bytearray(nbytes)
+def pread_exact(fd: int, nbytes: int, offset: int, *, path, what: str, into=None):
+    """Exactly `nbytes` from `offset`, or an InputFileError naming the file and what was being read: a fresh
+    bytearray, or the first `nbytes` of the writable buffer `into` (a recycled array: no fresh pages to fault in)."""
+    buf = bytearray(nbytes) if into is None else memoryview(into).cast("B")[:nbytes]
     view, got = memoryview(buf), 0
     while got < nbytes:
         n = os.preadv(fd, [view[got:]], offset + got)

@@ -17,7 +17,7 @@ from ..io.files import pread_exact
 from ..io import digests
 from ..io.gguf import GGUFStreamWriter, decode, open_gguf, plan_qtypes
 from ..io.safetensors import release
-from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, prefetch
+from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, BufferPool, prefetch
 from ..tensor import Tensor, storage_dtype
 from .base import open_base
 from .plan import factors, make_plan
@@ -144,23 +144,30 @@ def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, pl
 
 
 HASH_STEP = 16 << 20  # bytes per read of what lies between (or after) the tensors a merge reads, when hashing
+READ_KEEP = 64 << 20  # idle read buffers kept for reuse
 
 
 def _read_in_order(path: Path, fd: int, items: list, hasher):
     """(tensor, uint8 bytes) for each (tensor, offset, nbytes) of `items`; with `hasher`, every byte of the file
-    goes through it in order, the header, padding and tensors the merge skips included (`items` in file order)."""
+    goes through it in order, the header, padding and tensors the merge skips included (`items` in file order).
+    Tensors are read into recycled buffers (`BufferPool`): a fresh buffer is fresh memory, zeroed and faulted in
+    page by page (a FLUX.1 --quant Q8_0 merge spent 41 system CPU-s)."""
+    pool = BufferPool(keep=READ_KEEP)
+    scratch = np.empty(min(HASH_STEP, os.fstat(fd).st_size), np.uint8) if hasher is not None else None
+
     def skip_to(end: int) -> None:
         for at in range(pos, end, HASH_STEP):
-            hasher.update(pread_exact(fd, min(HASH_STEP, end - at), at, path=path, what="the file"))
+            hasher.update(pread_exact(fd, min(HASH_STEP, end - at), at, path=path, what="the file", into=scratch))
 
     pos = 0
     for item, offset, nbytes in items:
         if hasher is not None:
             skip_to(offset)
-        buf = pread_exact(fd, nbytes, offset, path=path, what=f"tensor {item.name!r}")
+        buf = pool.empty((nbytes,), np.uint8)
+        pread_exact(fd, nbytes, offset, path=path, what=f"tensor {item.name!r}", into=buf)
         if hasher is not None:
             hasher.update(buf)
         pos = offset + nbytes
-        yield item, np.frombuffer(buf, np.uint8)
+        yield item, buf
     if hasher is not None:
         skip_to(os.fstat(fd).st_size)

@@ -169,3 +169,17 @@ def test_docstring_examples_and_numpy_only():
     assert doctest.testmod(gq).failed == 0
     code = "import sys, lorabox.quant.gguf_quants; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_q8_0_ties_round_away_from_zero_as_gguf_does():
+    """Our Q8_0 (gguf-py's arithmetic in fewer passes) on values that land exactly on halves, of both signs, and on
+    the largest float below a half: the same bytes as gguf.quants."""
+    halves = np.arange(-126.5, 127, 1.0, dtype=np.float32)  # 254 ties; with 127 in each block, d = 1 exactly
+    below = np.nextafter(np.float32(0.5), np.float32(0)) * np.array([1, -1], np.float32)
+    x = np.concatenate([halves, below]).reshape(-1, 32)
+    x[:, 0] = 127.0
+    x[1::2, 0] = -127.0
+    ours = quantize(x, "Q8_0")
+    assert np.array_equal(ours, gguf.quants.quantize(x, T.Q8_0))
+    q = ours[:, 2:].view(np.int8)[:, 1:].reshape(-1)[: halves.size - 8]  # the halves (column 0 holds +-127)
+    assert np.count_nonzero(np.abs(q.astype(int)) % 2) > 100  # 0.5 -> 1, 2.5 -> 3: not half to even

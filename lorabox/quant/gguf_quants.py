@@ -1,6 +1,7 @@
 """GGUF block quantization on the CPU, numpy only.
 
-Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 go through `gguf.quants` (bit-exact with ggml). gguf-py cannot encode the
+Q4_0, Q4_1, Q5_0 and Q5_1 go through `gguf.quants` (bit-exact with ggml); Q8_0 is gguf-py's arithmetic done here in
+fewer passes over the data (2.5x faster, the same bytes: tests hold it to `gguf.quants.quantize`). gguf-py cannot encode the
 K-quants, so Q4_K, Q5_K and Q6_K are encoded here with the idea of ggml's reference quantizers
 (`quantize_row_q{4,5,6}_K_ref`): per sub-block, try a few scale candidates and keep the least (weighted) squared
 error, then quantize the sub-block scales to 6 or 8 bits against one fp16 scale per 256-value super-block.
@@ -28,7 +29,7 @@ from gguf import quants as _gq
 from ..errors import LoraboxError
 from ..parallel import run_chunks
 
-LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")   # encoded by gguf-py
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")   # gguf-py's encoders (Q8_0's arithmetic in `_encode_q8_0`)
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")                  # encoded here
 QTYPES = LEGACY + K_QUANTS
 
@@ -108,7 +109,10 @@ def quantize(array: np.ndarray, qtype: str, *, threads: int | None = None, pool=
             f"multiple of the block size {bs}.",
             hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
     out = np.empty((x.size // bs, ts), _U8)
-    if qt.name in LEGACY:
+    if qt.name == "Q8_0":
+        _map_blocks(lambda chunk: _encode_q8_0(np.ascontiguousarray(chunk, dtype=_F32)), x.reshape(-1, bs), out,
+                    _CHUNK_LEGACY, threads, pool)
+    elif qt.name in LEGACY:
         def encode(chunk):
             chunk = np.ascontiguousarray(chunk, dtype=_F32)
             _check_finite(chunk.min(), chunk.max(), qt)
@@ -301,6 +305,28 @@ def _quantize_scales(v: np.ndarray, d: np.ndarray, lo: int, hi: int) -> np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------------- encoders
+
+def _encode_q8_0(x: np.ndarray) -> np.ndarray:
+    """x [B, 32] -> Q8_0 blocks [B, 34]: gguf-py's `Q8_0.quantize_blocks` (ggml's reference), step for step, on
+    |x| with the sign put back last (|x| * inv is |x * inv| exactly), into fewer arrays: 137 against 54 Mparam/s
+    on one core here, which made it most of a FLUX.1 `--quant Q8_0` merge's CPU time."""
+    ax = np.abs(x)
+    d = ax.max(axis=1, keepdims=True) / _F32(127)
+    _check_finite(d, d, "Q8_0")  # a NaN or Inf in the block reaches its max
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, _F32(0), _F32(1) / d)
+    a = np.multiply(ax, inv, out=ax)
+    q = np.floor(a)  # gguf-py's np_roundf: half away from zero, floor(a) + floor(2 * (a - floor(a)))
+    np.subtract(a, q, out=a)
+    a *= 2
+    np.floor(a, out=a)
+    q += a
+    np.copysign(q, x, out=q)
+    out = np.empty((x.shape[0], 34), _U8)
+    out[:, :2] = _f16_bytes(d.astype(_F16))
+    out[:, 2:] = q.astype(np.int8).view(_U8)
+    return out
+
 
 def _encode_q45_k(x: np.ndarray, name: str, bits: int) -> np.ndarray:
     """x [B, QK_K] -> Q4_K (bits 4) or Q5_K (bits 5) blocks [B, type_size]."""

@@ -335,7 +335,7 @@ class GGUFStreamWriter(AtomicWriter):
             for old, new in self._fills:
                 at = head.index(old)
                 head[at:at + len(new)] = new
-                os.pwrite(fout.fileno(), bytes(head[at:at + len(new)]), at)
+                os.pwrite(fout.fileno(), new, at)
         os.fsync(fout.fileno())
         self._writer.close()
 

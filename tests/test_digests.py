@@ -143,3 +143,17 @@ def test_gguf_merges_hash_the_base_while_reading_it(tmp_path, monkeypatch, kind)
     monkeypatch.setattr(digests, "hashlib", _NoHashing)
     merge(base, [(lora, 0.5)], tmp_path / "b.gguf", **kw)
     assert _recorded_gguf(tmp_path / "b.gguf") == _sha256(base)
+
+
+def test_a_file_read_out_of_order_is_hashed_at_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 1000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        digest = digests.WhileReading(path, fd, in_order=False)
+        assert digest.hasher is None
+        assert digest.finish() == _sha256(path) == digests.known(os.stat(path))
+        assert digests.WhileReading(path, fd).hasher is None  # remembered now
+    finally:
+        os.close(fd)

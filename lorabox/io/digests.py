@@ -106,16 +106,19 @@ def file_sha256(path) -> str:
 class WhileReading:
     """The sha256 of a file a merge reads front to back anyway: the remembered digest when there is one (`hasher`
     is then None), else `hasher` is to be fed every byte of the file in order; `finish()` gives the digest and
-    remembers it. Spares a first merge a read of the whole base before it starts."""
+    remembers it. Spares a first merge a read of the whole base before it starts. `in_order=False` (the merge
+    reads the file out of order): no `hasher`, and `finish()` reads the file once more to hash it."""
 
-    def __init__(self, path, fd: int):
+    def __init__(self, path, fd: int, in_order: bool = True):
         self.path, self.fd = path, fd
         self.before = os.fstat(fd)
         self.digest = known(self.before)
-        self.hasher = None if self.digest else hashlib.sha256()
+        self.hasher = hashlib.sha256() if self.digest is None and in_order else None
 
     def finish(self) -> str:
-        if self.hasher is not None:
+        if self.digest is None and self.hasher is None:
+            self.digest = file_sha256(self.path)
+        elif self.hasher is not None:
             self.digest = self.hasher.hexdigest()
             remember(self.path, self.digest, self.before, os.fstat(self.fd))
             self.hasher = None

@@ -126,10 +126,8 @@ def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, pl
         writer.write(key, data)
         tick(nbytes)
 
-    digest = digests.WhileReading(path, fd)
-    if digest.hasher is not None and [o for _, o, _ in items] != sorted(o for _, o, _ in items):
-        digest.hasher = None  # not in file order (no writer of these files does that): hashed first instead
-        digest.digest = digests.file_sha256(path)
+    offsets = [offset for _, offset, _ in items]
+    digest = digests.WhileReading(path, fd, in_order=offsets == sorted(offsets))  # no writer we know reorders
     reads = _read_in_order(path, fd, items, digest.hasher)
     ahead = prefetch(reads, READ_AHEAD, lambda item: item[0].nbytes)
     with contextlib.closing(ahead), Behind(write, WRITE_BEHIND) as behind:

@@ -1,8 +1,8 @@
 """GGUF block quantization on the CPU, numpy only.
 
-Q4_0, Q4_1, Q5_0 and Q5_1 go through `gguf.quants` (bit-exact with ggml); Q8_0 is gguf-py's arithmetic done here in
-fewer passes over the data (2.5x faster, the same bytes: tests hold it to `gguf.quants.quantize`). gguf-py cannot encode the
-K-quants, so Q4_K, Q5_K and Q6_K are encoded here with the idea of ggml's reference quantizers
+Q4_0, Q4_1, Q5_0 and Q5_1 go through `gguf.quants` (bit-exact with ggml); Q8_0 is gguf-py's arithmetic done here
+in fewer passes over the data (2.5x faster, the same bytes: tests hold it to `gguf.quants.quantize`). gguf-py cannot
+encode the K-quants, so Q4_K, Q5_K and Q6_K are encoded here with the idea of ggml's reference quantizers
 (`quantize_row_q{4,5,6}_K_ref`): per sub-block, try a few scale candidates and keep the least (weighted) squared
 error, then quantize the sub-block scales to 6 or 8 bits against one fp16 scale per 256-value super-block.
 The search runs on all sub-blocks at once; the result is not bit-identical with ggml, but decodes with any GGUF

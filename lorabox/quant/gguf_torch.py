@@ -32,7 +32,8 @@ def quantize(x, qtype: str):
     if x.ndim == 0 or x.shape[-1] % bs:
         raise gq.QuantError(
             f"Can't quantize a tensor of shape {tuple(x.shape)} to {qt.name}: its last dimension is not a "
-            f"multiple of the block size {bs}.", hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
+            f"multiple of the block size {bs}.",
+            hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
     blocks = x.reshape(-1, bs).to(torch.float32)
     if blocks.shape[0] and not bool(torch.isfinite(blocks).all()):
         raise gq.QuantError(f"Can't quantize to {qt.name}: the tensor holds NaN or Inf.",

@@ -291,6 +291,11 @@ def _gguf_on_host(compute, info, t: Tensor, patches: list, qtype: str, stored_sh
     return encode(values, qtype, stored_shape, pool=compute.pool)
 
 
+def _weight_math(info, t: Tensor, patches: list) -> bool:
+    """Whether a weight's merge is a matrix product (the GPU path runs it on the device), not a copy, cast or bias."""
+    return bool(patches) and not (info.name.endswith(".bias") or t.ndim == 1)
+
+
 def _buffer(torch, local: threading.local, name: str, n: int, dtype):
     """The first `n` elements of a flat buffer kept per worker thread (at least a tile's worth)."""
     buf = getattr(local, name, None)
@@ -370,7 +375,7 @@ class TorchCompute:
         return self.cpu.pool
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
-        if not patches or info.name.endswith(".bias") or t.ndim == 1:
+        if not _weight_math(info, t, patches):
             return self.cpu.process(info, t, patches, dtype, rounding)  # copies, casts and biases: no math
         w = self._merged(t, patches)
         if dtype == "F64":
@@ -402,7 +407,7 @@ class TorchCompute:
         if qtype not in QTYPES:
             return _gguf_on_host(self, info, t, patches, qtype, stored_shape)
         torch = self.torch
-        if patches and not (info.name.endswith(".bias") or t.ndim == 1):
+        if _weight_math(info, t, patches):
             f32 = self._merged(t, patches).to(torch.float32)
         else:
             src = self.cpu.process(info, t, patches, "F32") if patches else t

@@ -103,11 +103,7 @@ def quantize(array: np.ndarray, qtype: str, *, threads: int | None = None, pool=
     qt = _qtype(qtype)
     bs, ts = GGML_QUANT_SIZES[qt]
     x = np.asarray(array)  # cast to float32 chunk by chunk: no full-size copy of a bf16/f16 tensor
-    if x.ndim == 0 or x.shape[-1] % bs:
-        raise QuantError(
-            f"Can't quantize a tensor of shape {tuple(x.shape)} to {qt.name}: its last dimension is not a "
-            f"multiple of the block size {bs}.",
-            hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
+    _check_shape(x.shape, qt)
     out = np.empty((x.size // bs, ts), _U8)
     if qt.name == "Q8_0":
         _map_blocks(lambda chunk: _encode_q8_0(np.ascontiguousarray(chunk, dtype=_F32)), x.reshape(-1, bs), out,
@@ -174,10 +170,37 @@ def _map_blocks(fn: Callable[[np.ndarray], np.ndarray], src: np.ndarray, out: np
     run_chunks(work, range(0, src.shape[0], chunk), threads, pool)
 
 
+def _check_shape(shape, qt) -> None:
+    """The last dimension holds whole blocks (also `gguf_torch.quantize`'s check)."""
+    bs = GGML_QUANT_SIZES[qt][0]
+    if len(shape) == 0 or shape[-1] % bs:
+        raise QuantError(
+            f"Can't quantize a tensor of shape {tuple(shape)} to {qt.name}: its last dimension is not a "
+            f"multiple of the block size {bs}.",
+            hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
+
+
 def _check_finite(lo, hi, qt) -> None:
-    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+    """`lo` and `hi` (a tensor's extremes, or anything a NaN or Inf reaches) are finite; numpy or torch."""
+    if not (bool(_isfinite(lo)) and bool(_isfinite(hi))):
         raise QuantError(f"Can't quantize to {getattr(qt, 'name', qt)}: the tensor holds NaN or Inf.",
                          hint="Check the merge inputs; a non-finite weight would decode as garbage.")
+
+
+def _check_scales(h, v, qt: str) -> None:
+    """The fp16 super-block scales `h` (rounded from `v`) are finite; numpy or torch."""
+    if not bool(_isfinite(h)):
+        raise QuantError(f"Can't quantize to {qt}: values too large for its fp16 block scales "
+                         f"(a scale of {float(abs(v).max()):.3g}; fp16 ends at 65504).",
+                         hint="Keep this tensor in F32 or F16.")
+
+
+def _isfinite(a) -> bool:
+    if isinstance(a, np.ndarray) or np.isscalar(a):
+        return np.isfinite(a).all()
+    import torch
+
+    return torch.isfinite(a).all()
 
 
 def _to_f16(v: np.ndarray, qt: str, away: bool = False) -> np.ndarray:
@@ -188,10 +211,7 @@ def _to_f16(v: np.ndarray, qt: str, away: bool = False) -> np.ndarray:
         if away:
             short = np.abs(h.astype(_F32)) < np.abs(v)
             h[short] = np.nextafter(h[short], np.copysign(_F16(np.inf), v[short]).astype(_F16))
-    if not np.isfinite(h).all():
-        raise QuantError(f"Can't quantize to {qt}: values too large for its fp16 block scales "
-                         f"(a scale of {float(np.max(np.abs(v))):.3g}; fp16 ends at 65504).",
-                         hint="Keep this tensor in F32 or F16.")
+    _check_scales(h, v, qt)
     return h
 
 

@@ -3,8 +3,8 @@
 
 Every step is the CPU path's float32/float64 arithmetic in the same order, so the bytes do not depend on the
 device (tests hold this module to `gguf_quants` on torch's CPU device, for every type):
-- Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 follow gguf-py's `quantize_blocks` (which `gguf_quants` calls), ggml's rounding
-  included (`np_roundf` for Q8_0, trunc(v + 8.5) for Q4_0, ...).
+- Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 follow gguf-py's `quantize_blocks` (which `gguf_quants` calls, or, for Q8_0,
+  repeats in fewer passes), ggml's rounding included (`np_roundf` for Q8_0, trunc(v + 8.5) for Q4_0, ...).
 - Q4_K, Q5_K, Q6_K follow `gguf_quants`' own search; its sums run in a fixed pairwise order (`_colsum`) there and
   here, since numpy's and torch's reductions each pick their own order.
 - Divisions are tensor by tensor: CUDA divides by a Python number as a multiply by its reciprocal, which is not
@@ -29,15 +29,9 @@ def quantize(x, qtype: str):
     """`gguf_quants.quantize` of the float32 tensor `x`, computed where `x` is: uint8 [*x.shape[:-1], row_bytes]."""
     qt = gq._qtype(qtype)
     bs, ts = GGML_QUANT_SIZES[qt]
-    if x.ndim == 0 or x.shape[-1] % bs:
-        raise gq.QuantError(
-            f"Can't quantize a tensor of shape {tuple(x.shape)} to {qt.name}: its last dimension is not a "
-            f"multiple of the block size {bs}.",
-            hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
+    gq._check_shape(tuple(x.shape), qt)
     blocks = x.reshape(-1, bs).to(torch.float32)
-    if blocks.shape[0] and not bool(torch.isfinite(blocks).all()):
-        raise gq.QuantError(f"Can't quantize to {qt.name}: the tensor holds NaN or Inf.",
-                            hint="Check the merge inputs; a non-finite weight would decode as garbage.")
+    gq._check_finite(blocks, blocks, qt)
     encode = _ENCODERS[qt.name]
     out = torch.empty((blocks.shape[0], ts), dtype=torch.uint8, device=x.device)
     step = max(1, CHUNK // bs)
@@ -204,10 +198,7 @@ def _to_f16(v, qt: str, away: bool = False):
         short = h.to(torch.float32).abs().double() < v.abs()
         # one unit away from zero: the magnitude's bit pattern plus one (h has v's sign, zeros included)
         h = torch.where(short, (h.view(torch.int16) + 1).view(torch.float16), h)
-    if not bool(torch.isfinite(h).all()):
-        raise gq.QuantError(f"Can't quantize to {qt}: values too large for its fp16 block scales "
-                            f"(a scale of {float(v.abs().max()):.3g}; fp16 ends at 65504).",
-                            hint="Keep this tensor in F32 or F16.")
+    gq._check_scales(h, v, qt)
     return h
 
 

@@ -71,3 +71,43 @@ def test_bad_input_as_the_cpu_path(device):
         gt.quantize(torch.zeros((4, 300), device=device), "Q6_K")
     with pytest.raises(QuantError, match="Unknown GGUF quant type 'Q3_K'"):
         gt.quantize(torch.zeros(256, device=device), "Q3_K")
+
+
+def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random bytes for every field of every block (all nibbles, high bits and packed 6-bit scales), with the
+    float16 scale fields made finite: anything a file can hold that decodes to numbers."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    ts = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
+    raw = np.random.default_rng(seed).integers(0, 256, (n_blocks, ts), dtype=np.uint8)
+    scales = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (ts - 2,)}.get(qtype, (0,))
+    for at in scales:
+        h = raw[:, at:at + 2].copy().view(np.uint16)
+        h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # exponent all ones (Inf/NaN) -> a finite value
+        raw[:, at:at + 2] = h.view(np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_decodes_as_gguf_py(device, qtype, monkeypatch):
+    """`dequantize` on the device gives the float32 bits of gguf-py's own `gguf.quants.dequantize`, over
+    random bytes in every field, and of the CPU path; the bytes of `quantize` decode to the CPU path's values."""
+    import gguf
+
+    bs = 256 if qtype in gq.K_QUANTS else 32
+    raw = random_blocks(qtype, 1536)
+    shape = (1536 * bs // 512, 512)
+    want = gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[qtype]).astype(np.float32)
+    monkeypatch.setattr(gt, "CHUNK", 512 * bs)  # several steps
+    got = gt.dequantize(torch.from_numpy(raw.reshape(-1)).to(device), qtype, shape)
+    assert got.device.type == torch.device(device).type and got.dtype == torch.float32 and got.shape == shape
+    assert np.array_equal(got.cpu().numpy().view(np.uint32), want.reshape(shape).view(np.uint32)), qtype
+    assert np.array_equal(gq.dequantize(raw, qtype, shape).view(np.uint32), want.reshape(shape).view(np.uint32))
+
+    x = awkward((24, 1024), seed=3)
+    data = gt.quantize(torch.from_numpy(x).to(device), qtype)
+    assert np.array_equal(gt.dequantize(data, qtype, x.shape).cpu().numpy(), gq.dequantize(gq.quantize(x, qtype),
+                                                                                           qtype, x.shape))
+    with pytest.raises(QuantError, match=f"bytes do not hold a {qtype} tensor of shape"):
+        gt.dequantize(data[:-1], qtype, x.shape)

@@ -123,9 +123,9 @@ def test_torch_path_equals_numpy_path_writing_gguf(tmp_path, device, qtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", QTYPES)
 def test_torch_path_equals_numpy_path_on_a_gguf_base(tmp_path, device, qtype):
-    """A GGUF base keeps its types: patched weights decoded on the host, merged and quantized again on the device."""
+    """A GGUF base keeps its types: patched weights decoded, merged and quantized again on the device."""
     from tests.test_merge_gguf import _gguf_base, _lora
 
     _gguf_base(tmp_path / "base.gguf", np.random.default_rng(7), qtype)

@@ -183,6 +183,11 @@ class NumpyCompute:
         takes (block bytes, or the float16/bfloat16/float32 array); the block quantizers run on the workers."""
         return _gguf_on_host(self, info, t, patches, qtype, stored_shape)
 
+    def requantize(self, info, raw: np.ndarray, patches: list) -> np.ndarray:
+        """A GGUF base tensor (`info`: its `io.gguf.GGUFTensor`; `raw`: its bytes) decoded, patched and encoded
+        again in its own type, as `gguf` encodes; the block decoders and quantizers run on the workers."""
+        return _requantize_on_host(self, info, raw, patches)
+
     def _patched(self, info, t: Tensor, patches: list, dtype: str, fused: bool) -> np.ndarray:
         if info.name.endswith(".bias") or t.ndim == 1:
             return self._round(apply_bias(t.values(), patches), dtype)
@@ -291,9 +296,16 @@ def _gguf_on_host(compute, info, t: Tensor, patches: list, qtype: str, stored_sh
     return encode(values, qtype, stored_shape, pool=compute.pool)
 
 
-def _weight_math(info, t: Tensor, patches: list) -> bool:
+def _requantize_on_host(compute, info, raw: np.ndarray, patches: list) -> np.ndarray:
+    from ..io.gguf import decode
+
+    values = Tensor(decode(raw, info.qtype, info.stored_shape, pool=compute.pool).reshape(info.shape), "F32")
+    return compute.gguf(info, values, patches, info.qtype, info.stored_shape)
+
+
+def _weight_math(info, shape: tuple, patches: list) -> bool:
     """Whether a weight's merge is a matrix product (the GPU path runs it on the device), not a copy, cast or bias."""
-    return bool(patches) and not (info.name.endswith(".bias") or t.ndim == 1)
+    return bool(patches) and not (info.name.endswith(".bias") or len(shape) == 1)
 
 
 def _buffer(torch, local: threading.local, name: str, n: int, dtype):
@@ -375,7 +387,7 @@ class TorchCompute:
         return self.cpu.pool
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
-        if not _weight_math(info, t, patches):
+        if not _weight_math(info, t.shape, patches):
             return self.cpu.process(info, t, patches, dtype, rounding)  # copies, casts and biases: no math
         w = self._merged(t, patches)
         if dtype == "F64":
@@ -407,13 +419,27 @@ class TorchCompute:
         if qtype not in QTYPES:
             return _gguf_on_host(self, info, t, patches, qtype, stored_shape)
         torch = self.torch
-        if _weight_math(info, t, patches):
+        if _weight_math(info, t.shape, patches):
             f32 = self._merged(t, patches).to(torch.float32)
         else:
             src = self.cpu.process(info, t, patches, "F32") if patches else t
             x = _to_torch(torch, src) if src.dtype in TORCH_FLOATS else torch.from_numpy(src.values32())
             f32 = x.to(self.device).to(torch.float32)
         return self._host(quantize(f32.reshape(tuple(stored_shape)), qtype), "U8")
+
+    def requantize(self, info, raw: np.ndarray, patches: list) -> np.ndarray:
+        """`NumpyCompute.requantize` with the blocks decoded on the device too: a patched weight goes there as its
+        blocks (0.56-1.07 bytes per parameter rather than 4 as float32) and comes back as blocks. Float-typed
+        tensors and types lorabox does not encode go the host's way (their merge still runs here)."""
+        from ..quant import gguf_torch
+        from ..quant.gguf_quants import QTYPES
+
+        if info.qtype not in QTYPES or not _weight_math(info, info.shape, patches):
+            return _requantize_on_host(self, info, raw, patches)
+        torch = self.torch
+        f32 = gguf_torch.dequantize(torch.from_numpy(raw).to(self.device), info.qtype, info.stored_shape)
+        w = self._patch(f32.reshape(tuple(info.shape)).to(torch.float64), patches)
+        return self._host(gguf_torch.quantize(w.to(torch.float32).reshape(tuple(info.stored_shape)), info.qtype), "U8")
 
     # -- float64 on the device -------------------------------------------------------------------------------
     def _dev(self, t: Tensor):
@@ -443,8 +469,11 @@ class TorchCompute:
         return None if full is None else ratio * torch.from_numpy(np.ascontiguousarray(full)).to(self.device)
 
     def _merged(self, t: Tensor, patches: list):
+        return self._patch(self._dev(t), patches)
+
+    def _patch(self, w, patches: list):
+        """The float64 device weight `w` with `patches` applied, in place (the CPU path's order)."""
         torch = self.torch
-        w = self._dev(t)
         for p in patches:
             d = self._delta(p.adapter, p.ratio)
             if p.row_map is None:

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import OutputError, UnknownArchitecture
 from ..io.files import pread_exact
 from ..io import digests
-from ..io.gguf import GGUFStreamWriter, decode, open_gguf, plan_qtypes
+from ..io.gguf import GGUFStreamWriter, open_gguf, plan_qtypes
 from ..io.safetensors import release
 from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, BufferPool, prefetch
 from ..tensor import Tensor, storage_dtype
@@ -54,10 +54,7 @@ def merge_gguf_base(base_path: Path, loras, output: Path, *, arch, block_ratios,
             with GGUFStreamWriter(output, g.architecture, entries, kv, g.kv_types) as w:
                 def step(t, raw):
                     patches = plan.patches.get(t.name)
-                    if not patches:
-                        return raw  # copied byte for byte
-                    values = Tensor(decode(raw, t.qtype, t.stored_shape, pool=compute.pool).reshape(t.shape), "F32")
-                    return compute.gguf(t, values, patches, t.qtype, t.stored_shape)
+                    return compute.requantize(t, raw, patches) if patches else raw  # untouched: byte for byte
 
                 _stream(base_path, fd, [(t, t.offset, t.nbytes) for t in g.tensors], step, w, plan, report, tick)
         finally:

@@ -144,12 +144,7 @@ def dequantize(data: np.ndarray, qtype: str, shape, *, threads: int | None = Non
     bs, ts = GGML_QUANT_SIZES[qt]
     shape = tuple(int(n) for n in shape)
     raw = np.frombuffer(data, _U8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(_U8)
-    if not shape or shape[-1] % bs:
-        raise QuantError(f"Shape {shape} does not fit {qt.name}: the last dimension must be a multiple of {bs}.")
-    n_blocks = int(np.prod(shape)) // bs
-    if raw.size != n_blocks * ts:
-        raise QuantError(f"{raw.size} bytes do not hold a {qt.name} tensor of shape {shape} "
-                         f"({n_blocks * ts} bytes).", hint="Check the tensor's type and shape in the file header.")
+    n_blocks = _check_blocks(raw.size, shape, qt)
     out = np.empty((n_blocks, bs), _F32)
     if qt.name in LEGACY:
         decode = lambda chunk: _gq.dequantize(chunk.reshape(-1), qt).reshape(-1, bs)  # noqa: E731
@@ -178,6 +173,18 @@ def _check_shape(shape, qt) -> None:
             f"Can't quantize a tensor of shape {tuple(shape)} to {qt.name}: its last dimension is not a "
             f"multiple of the block size {bs}.",
             hint="Keep such tensors in F16/F32 (as llama-quantize and ComfyUI-GGUF do).")
+
+
+def _check_blocks(nbytes: int, shape: tuple, qt) -> int:
+    """The number of blocks of a `shape` tensor, which `nbytes` bytes must hold exactly (also `gguf_torch`'s)."""
+    bs, ts = GGML_QUANT_SIZES[qt]
+    if not shape or shape[-1] % bs:
+        raise QuantError(f"Shape {shape} does not fit {qt.name}: the last dimension must be a multiple of {bs}.")
+    n_blocks = int(np.prod(shape)) // bs
+    if nbytes != n_blocks * ts:
+        raise QuantError(f"{nbytes} bytes do not hold a {qt.name} tensor of shape {shape} "
+                         f"({n_blocks * ts} bytes).", hint="Check the tensor's type and shape in the file header.")
+    return n_blocks
 
 
 def _check_finite(lo, hi, qt) -> None:

@@ -1,5 +1,6 @@
-"""GGUF block quantization in torch, on whatever device the values are: the same bytes as
-`lorabox.quant.gguf_quants.quantize`, for the merge's GPU path (`TorchCompute.gguf`).
+"""GGUF block quantization and decoding in torch, on whatever device the values are: the same bytes as
+`lorabox.quant.gguf_quants.quantize` and the same floats as `gguf_quants.dequantize`, for the merge's GPU path
+(`TorchCompute.gguf`, `TorchCompute.requantize`).
 
 Every step is the CPU path's float32/float64 arithmetic in the same order, so the bytes do not depend on the
 device (tests hold this module to `gguf_quants` on torch's CPU device, for every type):
@@ -12,7 +13,11 @@ device (tests hold this module to `gguf_quants` on torch's CPU device, for every
 - A float64 value becomes float16 through float32 (torch's cast; `gguf_quants._to_f16` does the same), and the
   float32 square root goes through float64 (torch's own float32 `sqrt` on the CPU is not correctly rounded).
 
+- Decoding is exact products of a float16 scale and small integers (d * q; K-quants' d * scale * q fits 24 bits),
+  then at most one rounded add or subtract, so it gives gguf-py's floats on any device, fused or not.
+
     data = quantize(x, "Q4_K")     # x: float32 tensor, any device; uint8 [..., row_bytes] on that device
+    x = dequantize(data, "Q4_K", shape)  # float32 [shape], where `data` is
 """
 from __future__ import annotations
 
@@ -38,6 +43,22 @@ def quantize(x, qtype: str):
     for a in range(0, blocks.shape[0], step):
         out[a:a + step] = encode(blocks[a:a + step])
     return out.reshape(*x.shape[:-1], x.shape[-1] // bs * ts)
+
+
+def dequantize(data, qtype: str, shape):
+    """`gguf_quants.dequantize` of the uint8 tensor `data` (exactly the tensor's blocks), computed where `data` is:
+    float32 of `shape`."""
+    qt = gq._qtype(qtype)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    shape = tuple(int(n) for n in shape)
+    n_blocks = gq._check_blocks(data.numel(), shape, qt)
+    blocks = data.reshape(n_blocks, ts)
+    decode = _DECODERS[qt.name]
+    out = torch.empty((n_blocks, bs), dtype=torch.float32, device=data.device)
+    step = max(1, CHUNK // bs)
+    for a in range(0, n_blocks, step):
+        out[a:a + step] = decode(blocks[a:a + step])
+    return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -262,10 +283,86 @@ def _q6_k(x):
         _f16_bytes(d)], dim=1)
 
 
+# ---------------------------------------------------------------------------------------------------- decoding
+# gguf-py's `dequantize_blocks` (legacy types) and `gguf_quants`' K-quant decoders, value for value
+
+def _f16(cols):
+    """Two byte columns [n, 2] -> float32 [n, 1]."""
+    return cols.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _unnibble(qs):
+    """[n, 16] packed bytes -> [n, 32]: the low nibbles are values 0-15, the high ones 16-31."""
+    return torch.cat([qs & 0xF, qs >> 4], dim=1)
+
+
+def _high_bits(qh):
+    """[n, 4] bytes -> [n, 32] of 0/1, value 8j + i from bit i of byte j (the inverse of `_bits_le`)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return ((qh[:, :, None] >> shifts) & 1).reshape(qh.shape[0], 32)
+
+
+def _d_q8_0(b):
+    return b[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _f16(b[:, :2])
+
+
+def _d_q4_0(b):
+    return _f16(b[:, :2]) * (_unnibble(b[:, 2:]).to(torch.float32) - 8)
+
+
+def _d_q4_1(b):
+    return _f16(b[:, :2]) * _unnibble(b[:, 4:]).to(torch.float32) + _f16(b[:, 2:4])
+
+
+def _d_q5_0(b):
+    q = _unnibble(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
+    return _f16(b[:, :2]) * (q.to(torch.float32) - 16)
+
+
+def _d_q5_1(b):
+    q = _unnibble(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)
+    return _f16(b[:, :2]) * q.to(torch.float32) + _f16(b[:, 2:4])
+
+
+def _d_q45_k(b, bits: int):
+    nb, n_sub, sub = b.shape[0], QK_K // gq._SUB45, gq._SUB45
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc = b[:, 4:4 + gq._K_SCALE_SIZE]
+    a, m, hi = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]
+    scale = torch.cat([a & 0x3F, (hi & 0xF) | ((a >> 6) << 4)], dim=1).to(torch.float32)
+    mins = torch.cat([m & 0x3F, (hi >> 4) | ((m >> 6) << 4)], dim=1).to(torch.float32)
+    qs = b[:, -QK_K // 2:].reshape(nb, n_sub // 2, 1, sub)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(nb, n_sub, sub)
+    if bits == 5:
+        pos = 4 + gq._K_SCALE_SIZE
+        shifts = torch.arange(n_sub, dtype=torch.uint8, device=b.device)[:, None]
+        q = q | (((b[:, None, pos:pos + sub] >> shifts) & 1) << 4)
+    step = (d * scale)[..., None]
+    shift = (dmin * mins)[..., None]
+    return (step * q.to(torch.float32) - shift).reshape(nb, QK_K)
+
+
+def _d_q6_k(b):
+    nb, n_ql, n_qh = b.shape[0], QK_K // 2, QK_K // 4
+    ql = b[:, :n_ql].reshape(nb, 2, 1, 64)
+    lo4 = torch.cat([ql & 0xF, ql >> 4], dim=2).reshape(nb, 2, 4, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)[:, None]
+    hi2 = (b[:, n_ql:n_ql + n_qh].reshape(nb, 2, 1, 32) >> shifts) & 3
+    q = (lo4 | (hi2 << 4)).to(torch.float32) - 32
+    sc = b[:, n_ql + n_qh:-2].contiguous().view(torch.int8).to(torch.float32)
+    step = (_f16(b[:, -2:]) * sc)[..., None]
+    return (step * q.reshape(nb, QK_K // gq._SUB6, gq._SUB6)).reshape(nb, QK_K)
+
+
+_DECODERS = {
+    "Q8_0": _d_q8_0, "Q4_0": _d_q4_0, "Q4_1": _d_q4_1, "Q5_0": _d_q5_0, "Q5_1": _d_q5_1,
+    "Q4_K": lambda b: _d_q45_k(b, 4), "Q5_K": lambda b: _d_q45_k(b, 5), "Q6_K": _d_q6_k,
+}
+
 _ENCODERS = {
     "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
     "Q4_K": lambda x: _q45_k(x, "Q4_K", 4),
     "Q5_K": lambda x: _q45_k(x, "Q5_K", 5),
     "Q6_K": _q6_k,
 }
-assert set(_ENCODERS) == set(gq.QTYPES)
+assert set(_ENCODERS) == set(_DECODERS) == set(gq.QTYPES)

@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lorabox.io import direct  # noqa: E402
-from lorabox.merge import engine  # noqa: E402
 from lorabox.parallel import BufferPool  # noqa: E402
 
 
@@ -31,7 +30,7 @@ def direct_copy(src: Path, dst: Path, run: int, read_depth: int, ahead: int, wri
     fd = direct.open_read(src)
     if fd is None:
         raise SystemExit(f"{src}: this filesystem refuses O_DIRECT reads")
-    reader = direct.DirectReader(fd, BufferPool(keep=engine.READ_KEEP), depth=read_depth)
+    reader = direct.DirectReader(fd, BufferPool(keep=direct.READ_KEEP), depth=read_depth)
     dst.touch()
     out = direct.DirectFile(os.open(dst, os.O_WRONLY | os.O_DIRECT), stage, write_depth)
     try:
@@ -49,9 +48,9 @@ def direct_copy(src: Path, dst: Path, run: int, read_depth: int, ahead: int, wri
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", type=Path)
-    ap.add_argument("--run-mb", type=int, default=engine.RUN >> 20, help="bytes per read (the merge: 16 MB or more)")
+    ap.add_argument("--run-mb", type=int, default=direct.RUN >> 20, help="bytes per read (the merge: 16 MB or more)")
     ap.add_argument("--read-depth", type=int, default=direct.READ_DEPTH)
-    ap.add_argument("--ahead-mb", type=int, default=engine.DIRECT_AHEAD >> 20)
+    ap.add_argument("--ahead-mb", type=int, default=direct.AHEAD >> 20)
     ap.add_argument("--write-depth", type=int, default=direct.DEPTH)
     ap.add_argument("--stage-mb", type=int, default=direct.STAGE >> 20)
     args = ap.parse_args()

@@ -214,8 +214,8 @@ def test_a_merge_read_around_the_page_cache_is_the_same_file(tmp_path, monkeypat
     merge(base, [(lora, 0.8)], tmp_path / "mapped.safetensors")
     digests.cache_file().unlink()
     read_directly(monkeypatch)
-    monkeypatch.setattr(engine, "RUN", run)
-    monkeypatch.setattr(engine, "DIRECT_AHEAD", ahead)
+    monkeypatch.setattr(direct, "RUN", run)
+    monkeypatch.setattr(direct, "AHEAD", ahead)
     opened = []
     real_open = direct.open_read
     monkeypatch.setattr(direct, "open_read", lambda p: opened.append(real_open(p)) or opened[-1])
@@ -274,3 +274,58 @@ def test_tensors_that_share_bytes_are_refused(tmp_path):
     (tmp_path / "f.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(12))
     with pytest.raises(InputFileError, match="'a' and 'b' share bytes"):
         read_header(tmp_path / "f.safetensors")
+
+
+@pytest.mark.parametrize("run", [1, 3000, 1 << 30])
+def test_gguf_merges_read_and_written_around_the_page_cache_are_the_same_files(tmp_path, monkeypatch, run):
+    """GGUF outputs: `--quant` from a full checkpoint (its VAE and text encoder between denoiser tensors, which a
+    merge with the digest remembered does not read) and a GGUF base keeping its types, read and written with
+    O_DIRECT (hashed while read, then remembered), are byte for byte the files of buffered reads and writes."""
+    from tests.test_merge_gguf import _gguf_base, _lora
+
+    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
+    rng = np.random.default_rng(21)
+    full = {}
+    for i, (k, v) in enumerate(flux_base(rng, "BF16", n_in=256).items()):
+        full["model.diffusion_model." + k] = v
+        if i % 4 == 0:  # stretches the --quant output leaves out
+            full[f"first_stage_model.decoder.block.{i}.weight"] = Tensor.zeros((96, 64), "F16")
+    full["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = Tensor.zeros((7000,), "F32")
+    write_tensors(tmp_path / "full.safetensors", full)
+    _gguf_base(tmp_path / "base.gguf", rng, "Q5_0")
+    _, lora = _lora(tmp_path)
+    cases = [("quant", tmp_path / "full.safetensors", {"quant": "Q8_0"}), ("base", tmp_path / "base.gguf", {})]
+
+    monkeypatch.setattr(direct, "DIRECT_MIN", 1 << 62)
+    for name, base, kw in cases:
+        merge(base, [(lora, 0.7)], tmp_path / f"{name}-buffered.gguf", **kw)
+        assert _gguf_digest(tmp_path / f"{name}-buffered.gguf") == hashlib.sha256(base.read_bytes()).hexdigest()
+    digests.cache_file().unlink()
+
+    read_directly(monkeypatch)
+    monkeypatch.setattr(direct, "RUN", run)
+    monkeypatch.setattr(direct, "AHEAD", run)
+    opened, written = [], []
+    real_open, real_open_direct = direct.open_read, direct.open_direct
+    monkeypatch.setattr(direct, "open_read", lambda p: opened.append(real_open(p)) or opened[-1])
+    monkeypatch.setattr(direct, "open_direct", lambda *a: written.append(real_open_direct(*a)) or written[-1])
+    ranges = []
+    real_submit = direct.DirectReader.submit
+    monkeypatch.setattr(direct.DirectReader, "submit", lambda self, a, b: ranges.append(b - a) or real_submit(self, a, b))
+    for name, base, kw in cases:
+        want = (tmp_path / f"{name}-buffered.gguf").read_bytes()
+        for again in ("hashed", "remembered"):
+            ranges.clear()
+            merge(base, [(lora, 0.7)], tmp_path / f"{name}-{again}.gguf", **kw)
+            assert (tmp_path / f"{name}-{again}.gguf").read_bytes() == want, (name, again)
+            if again == "hashed":  # every byte, once
+                assert sum(ranges) == base.stat().st_size
+            elif name == "quant" and run < 1 << 30:  # the VAE and text encoder stretches are not read
+                assert sum(ranges) < base.stat().st_size - 7000 * 4
+    assert len(opened) == len(written) == 4 and None not in opened + written
+
+
+def _gguf_digest(path) -> str:
+    from lorabox.io.gguf import open_gguf
+
+    return json.loads(open_gguf(path).kv["lorabox.merge"])["base"]["sha256"]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputFileError, OutputError
+from . import direct
 from .files import AtomicWriter, Writeback, pread_exact, temporary_beside
 
 ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
@@ -301,6 +302,20 @@ class GGUFStreamWriter(AtomicWriter):
             raise
         self._fills: list[tuple[bytes, bytes]] = []
         self._writeback = Writeback(w.fout[0])
+        self._align = w.data_alignment
+        self._direct = None
+        size = _pad(self._header_end, self._align) + sum(_pad(e[3], self._align) for e in self._expect)
+        if direct.wanted(size):
+            try:
+                with open(self._tmp, "rb") as f:  # read before `open_direct`, whose probe writes the first block
+                    head = f.read(self._header_end)
+                self._direct = direct.open_direct(self._tmp)
+                if self._direct is not None:  # the header again, through the direct writer, then its padding
+                    self._direct.write(head)
+                    self._direct.write(bytes(_pad(self._header_end, self._align) - self._header_end))
+            except BaseException:
+                self.abort()
+                raise
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append the next tensor: uint8 block data for quantized types; float32 for F32; float16 (or uint16
@@ -315,8 +330,12 @@ class GGUFStreamWriter(AtomicWriter):
         if name != want or data.dtype not in [np.dtype(d) for d in ok_dtype] or data.nbytes != nbytes:
             raise ValueError(f"gguf stream writer: expected {want} {qtype} {list(stored)} ({nbytes} bytes), got "
                              f"{name} {data.dtype} {list(data.shape)} ({data.nbytes} bytes)")
-        self._writer.write_tensor_data(data.reshape(-1))
-        self._writeback()
+        if self._direct is not None:
+            self._direct.write(data.reshape(-1).view(np.uint8))
+            self._direct.write(bytes(_pad(nbytes, self._align) - nbytes))  # as gguf-py pads each tensor
+        else:
+            self._writer.write_tensor_data(data.reshape(-1))
+            self._writeback()
         self._next += 1
 
     def fill(self, placeholder: str, value: str) -> None:
@@ -328,6 +347,8 @@ class GGUFStreamWriter(AtomicWriter):
 
     def _finish(self) -> None:
         fout = self._writer.fout[0]
+        if self._direct is not None:
+            self._direct.finish()
         fout.flush()
         if self._fills:
             with open(self._tmp, "rb") as f:  # the writer's own file is write-only
@@ -340,8 +361,14 @@ class GGUFStreamWriter(AtomicWriter):
         self._writer.close()
 
     def _release(self) -> None:
+        if getattr(self, "_direct", None) is not None:
+            self._direct.close()
         if hasattr(self, "_writer"):
             self._writer.close()
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align
 
 
 # -------------------------------------------------------------------------------------------- type selection

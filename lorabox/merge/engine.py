@@ -333,7 +333,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
     try:
         digest = digests.WhileReading(shard.path, fd)  # a base merged before: remembered (io/digests.py)
         rfd = direct.open_read(shard.path) if direct.wanted_for_reading(digest.before.st_size) else None
-        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=READ_KEEP))
+        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=direct.READ_KEEP))
         with StreamWriter(path, entries, metadata) as writer:
             _stream(shard, fd, digest.hasher, reader, plan, dtype, rounding, scaled, writer, report, tick, compute)
             writer.fill(digests.PENDING, digest.finish())
@@ -381,41 +381,15 @@ def _check_size(shard: Shard, size: int) -> None:
         raise InputFileError(f"{shard.path}: ends inside tensor {short.name!r}: truncated.", hint="Download it again.")
 
 
-RUN = 16 << 20  # consecutive tensors read together, in reads of at least this many bytes
-DIRECT_AHEAD = 64 << 20  # bytes read ahead of the hash (at least one read)
-READ_KEEP = 64 << 20  # idle read buffers kept for reuse (0, 64 and 192 MB ran the same on FLUX.1)
-
-
 def _read_direct(shard: Shard, size: int, hasher, reader: direct.DirectReader):
-    """`_read_in_order` with O_DIRECT reads: consecutive tensors grouped into reads of RUN bytes or more (the
-    first holds the header, the last the bytes after the last tensor when hashing), DIRECT_AHEAD bytes of reads
-    on the disk while the one before is hashed. Each tensor is a view of its read's buffer."""
-    runs, start, group = [], 0, []
-    for info in shard.tensors:
-        group.append(info)
-        end = info.offset + info.nbytes
-        if end - start >= RUN:
-            runs.append((start, end, group))
-            start, group = end, []
-    end = group[-1].offset + group[-1].nbytes if group else start
-    if hasher is not None:
-        end = max(end, size)
-    if group or end > start:
-        runs.append((start, end, group))
-
-    bufs = reader.read_in_order([(start, end) for start, end, _ in runs], DIRECT_AHEAD)
-    for start, end, group in runs:
-        try:
-            buf = next(bufs)
-        except EOFError as exc:
-            raise InputFileError(f"{shard.path}: {exc}: truncated while being read.", hint="Download it again.") from None
+    """`_read_in_order` with O_DIRECT reads (`direct.read_runs`), each read hashed whole (header, gaps and tail
+    included) and each tensor a view of its read's buffer."""
+    items = [(info, info.offset, info.nbytes) for info in shard.tensors]
+    for buf, group in direct.read_runs(reader, items, size, shard.path, whole=hasher is not None):
         if hasher is not None:
             hasher.update(buf)
-        for info in group:
-            at = info.offset - start
-            arr = buf[at:at + info.nbytes].view(storage_dtype(info.dtype)).reshape(info.shape)
-            yield info, Tensor(arr, info.dtype)
-        del buf
+        for info, raw in group:
+            yield info, Tensor(raw.view(storage_dtype(info.dtype)).reshape(info.shape), info.dtype)
 
 
 def _touch(view) -> None:
@@ -430,7 +404,7 @@ def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, round
             writer: StreamWriter, report: MergeReport, tick, compute):
     """Read ahead, compute, write behind, each on its own thread, with bounded bytes in flight: tensor sizes vary
     by 1000x, so one-tensor hand-offs left the compute waiting on the disk and the disk on the compute."""
-    ahead = READ_AHEAD if reader is None else READ_AHEAD - DIRECT_AHEAD  # the reads in flight count too
+    ahead = READ_AHEAD if reader is None else READ_AHEAD - direct.AHEAD  # the reads in flight count too
     reads = prefetch(_read_in_order(shard, fd, hasher, reader), ahead, lambda item: item[0].nbytes)
     # closing: on an error the read-ahead thread stops here, before the caller closes the files it reads
     with contextlib.closing(reads), Behind(lambda job: _write(writer, *job, tick), WRITE_BEHIND) as behind:

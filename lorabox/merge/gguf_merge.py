@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import OutputError, UnknownArchitecture
 from ..io.files import pread_exact
-from ..io import digests
+from ..io import digests, direct
 from ..io.gguf import GGUFStreamWriter, open_gguf, plan_qtypes
 from ..io.safetensors import release
 from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, BufferPool, prefetch
@@ -124,30 +124,46 @@ def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, pl
         tick(nbytes)
 
     offsets = [offset for _, offset, _ in items]
-    digest = digests.WhileReading(path, fd, in_order=offsets == sorted(offsets))  # no writer we know reorders
-    reads = _read_in_order(path, fd, items, digest.hasher)
-    ahead = prefetch(reads, READ_AHEAD, lambda item: item[0].nbytes)
-    with contextlib.closing(ahead), Behind(write, WRITE_BEHIND) as behind:
-        for info, raw in ahead:
-            data = step(info, raw)
-            patches = plan.patches.get(info.name)
-            release(factors(patches or []))  # merged: a LoRA's pages go, as in the engine
-            report.tensors += 1
-            report.merged += bool(patches)
-            behind.put(((names or {}).get(info.name, info.name), data, info.nbytes), data.nbytes)
+    in_order = offsets == sorted(offsets)  # no writer we know reorders
+    digest = digests.WhileReading(path, fd, in_order=in_order)
+    size = digest.before.st_size
+    rfd = direct.open_read(path) if in_order and direct.wanted_for_reading(size) else None
+    reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=direct.READ_KEEP))
+    try:
+        reads = _read_in_order(path, fd, items, digest.hasher, reader)
+        ahead = prefetch(reads, READ_AHEAD if reader is None else READ_AHEAD - direct.AHEAD,
+                         lambda item: item[0].nbytes)
+        with contextlib.closing(ahead), Behind(write, WRITE_BEHIND) as behind:
+            for info, raw in ahead:
+                data = step(info, raw)
+                patches = plan.patches.get(info.name)
+                release(factors(patches or []))  # merged: a LoRA's pages go, as in the engine
+                report.tensors += 1
+                report.merged += bool(patches)
+                behind.put(((names or {}).get(info.name, info.name), data, info.nbytes), data.nbytes)
+    finally:
+        if reader is not None:
+            reader.close()
     writer.fill(digests.PENDING, digest.finish())
 
 
 HASH_STEP = 16 << 20  # bytes per read of what lies between (or after) the tensors a merge reads, when hashing
-READ_KEEP = 64 << 20  # idle read buffers kept for reuse
 
 
-def _read_in_order(path: Path, fd: int, items: list, hasher):
+def _read_in_order(path: Path, fd: int, items: list, hasher, reader: direct.DirectReader | None = None):
     """(tensor, uint8 bytes) for each (tensor, offset, nbytes) of `items`; with `hasher`, every byte of the file
     goes through it in order, the header, padding and tensors the merge skips included (`items` in file order).
-    Tensors are read into recycled buffers (`BufferPool`): a fresh buffer is fresh memory, zeroed and faulted in
-    page by page (a FLUX.1 --quant Q8_0 merge spent 41 system CPU-s)."""
-    pool = BufferPool(keep=READ_KEEP)
+    With a `reader`, a file too big for the page cache to keep is read around it, in runs (`direct.read_runs`).
+    Otherwise tensors are read into recycled buffers (`BufferPool`): a fresh buffer is fresh memory, zeroed and
+    faulted in page by page (a FLUX.1 --quant Q8_0 merge spent 41 system CPU-s)."""
+    if reader is not None:
+        size = os.fstat(fd).st_size
+        for buf, group in direct.read_runs(reader, items, size, path, whole=hasher is not None):
+            if hasher is not None:
+                hasher.update(buf)
+            yield from group
+        return
+    pool = BufferPool(keep=direct.READ_KEEP)
     scratch = np.empty(min(HASH_STEP, os.fstat(fd).st_size), np.uint8) if hasher is not None else None
 
     def skip_to(end: int) -> None:

@@ -281,13 +281,12 @@ def load_dialects() -> dict:
     return tomllib.loads((key_maps_dir() / "dialects.toml").read_text())
 
 
-def architecture_names() -> list[str]:
-    """Architectures with a denoiser table (text-encoder tables are reached through them)."""
-    out = []
-    for path in sorted(key_maps_dir().glob("*.toml")):
-        if path.stem != "dialects" and "unet" in read_table_data(path.stem).get("components", {}):
-            out.append(path.stem)
-    return out
+@functools.lru_cache(maxsize=None)
+def architecture_names() -> tuple[str, ...]:
+    """Architectures with a denoiser table (text-encoder tables are reached through them). Kept, as the tables are:
+    detection asks once per architecture, and a merge's LoRA loading races torch's import for the GIL."""
+    return tuple(path.stem for path in sorted(key_maps_dir().glob("*.toml"))
+                 if path.stem != "dialects" and "unet" in read_table_data(path.stem).get("components", {}))
 
 
 @functools.lru_cache(maxsize=None)

@@ -183,3 +183,34 @@ def test_q8_0_ties_round_away_from_zero_as_gguf_does():
     assert np.array_equal(ours, gguf.quants.quantize(x, T.Q8_0))
     q = ours[:, 2:].view(np.int8)[:, 1:].reshape(-1)[: halves.size - 8]  # the halves (column 0 holds +-127)
     assert np.count_nonzero(np.abs(q.astype(int)) % 2) > 100  # 0.5 -> 1, 2.5 -> 3: not half to even
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_legacy_edges_bytes_identical_to_gguf(qtype):
+    """Blocks where gguf-py's steps decide by a hair: +m and -m both present (its argmax takes the first), blocks of
+    signed zeros (the first value's sign reaches the stored scale), one-hot blocks, constant blocks, values on the
+    rounding ties of the steps, bf16-valued weights (many equal magnitudes), fp16-subnormal and huge scales."""
+    rng = np.random.default_rng(3)
+    blocks = [rng.standard_normal((64, 32))]
+    tie = rng.standard_normal((8, 32))
+    tie[:4, 3], tie[:4, 9] = 4.0, -4.0  # + first
+    tie[4:, 3], tie[4:, 9] = -4.0, 4.0  # - first
+    blocks.append(tie)
+    zeros = np.zeros((4, 32))
+    zeros[0, 0] = zeros[2, 5] = -0.0
+    zeros[3] = -0.0
+    blocks.append(zeros)
+    hot = np.zeros((4, 32))
+    hot[0, 7], hot[1, 31], hot[2, 0], hot[3, 16] = 1.0, -2.5, 3e-3, -7.0
+    blocks.append(hot)
+    blocks.append(np.full((2, 32), 0.75) * np.array([[1.0], [-1.0]]))
+    blocks.append(rng.integers(-16, 17, (16, 32)) / 2.0)  # on the halves of every step
+    bf16 = (rng.standard_normal((64, 32)) * 0.02).astype(np.float32)
+    blocks.append((bf16.view(np.uint32) & 0xFFFF0000).view(np.float32))
+    blocks.append(rng.standard_normal((8, 32)) * 1e-7)
+    blocks.append(rng.standard_normal((8, 32)) * 1e4)
+    x = np.concatenate([b.astype(np.float32) for b in blocks])
+    assert np.signbit(x[64 + 8 + 3]).all()  # a block of -0.0
+    ref = gguf.quants.quantize(x, T[qtype])
+    assert np.array_equal(quantize(x, qtype), ref)
+    assert np.array_equal(quantize(x.reshape(-1, 64), qtype).reshape(ref.shape), ref)

@@ -91,8 +91,9 @@ def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_decodes_as_gguf_py(device, qtype, monkeypatch):
-    """`dequantize` on the device gives the float32 bits of gguf-py's own `gguf.quants.dequantize`, over
-    random bytes in every field, and of the CPU path; the bytes of `quantize` decode to the CPU path's values."""
+    """`dequantize` on the device, and the CPU path's (`gguf_quants.dequantize`, our own decoders), give the float32
+    bits of gguf-py's own `gguf.quants.dequantize` over random bytes in every field; the bytes of `quantize` decode
+    to the CPU path's values."""
     import gguf
 
     bs = 256 if qtype in gq.K_QUANTS else 32

@@ -311,7 +311,8 @@ def test_gguf_merges_read_and_written_around_the_page_cache_are_the_same_files(t
     monkeypatch.setattr(direct, "open_direct", lambda *a: written.append(real_open_direct(*a)) or written[-1])
     ranges = []
     real_submit = direct.DirectReader.submit
-    monkeypatch.setattr(direct.DirectReader, "submit", lambda self, a, b: ranges.append(b - a) or real_submit(self, a, b))
+    monkeypatch.setattr(direct.DirectReader, "submit",
+                        lambda self, a, b: ranges.append(b - a) or real_submit(self, a, b))
     for name, base, kw in cases:
         want = (tmp_path / f"{name}-buffered.gguf").read_bytes()
         for again in ("hashed", "remembered"):

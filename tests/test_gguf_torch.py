@@ -1,5 +1,6 @@
 """The GPU path's GGUF quantizers (`lorabox.quant.gguf_torch`) give the CPU path's bytes (`gguf_quants.quantize`:
-gguf-py's own encoder for the legacy types, which test_gguf_quants holds byte for byte, and our K-quant search).
+gguf-py's arithmetic for the legacy types, which test_gguf_quants holds byte for byte to gguf-py, and our K-quant
+search), and its decoders gguf-py's floats.
 Run on torch's CPU device here, and on the GPU too with `LORABOX_TEST_CUDA=1`."""
 import numpy as np
 import pytest

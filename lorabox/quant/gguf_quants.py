@@ -1,7 +1,8 @@
 """GGUF block quantization on the CPU, numpy only.
 
-Q4_0, Q4_1, Q5_0 and Q5_1 go through `gguf.quants` (bit-exact with ggml); Q8_0 is gguf-py's arithmetic done here
-in fewer passes over the data (2.5x faster, the same bytes: tests hold it to `gguf.quants.quantize`). gguf-py cannot
+Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 are gguf-py's arithmetic (ggml's reference) done here in fewer, cheaper passes
+over the data, both ways (`_encode_legacy`, `_decode_legacy`: 1.3-2.5x faster, the same bytes and floats: tests hold
+them to `gguf.quants.quantize` and `gguf.quants.dequantize`). gguf-py cannot
 encode the K-quants, so Q4_K, Q5_K and Q6_K are encoded here with the idea of ggml's reference quantizers
 (`quantize_row_q{4,5,6}_K_ref`): per sub-block, try a few scale candidates and keep the least (weighted) squared
 error, then quantize the sub-block scales to 6 or 8 bits against one fp16 scale per 256-value super-block.
@@ -369,7 +370,7 @@ def _encode_legacy(x: np.ndarray, name: str) -> np.ndarray:
             d = (hi - lo) / _F32(top)
             t = x - lo[:, None]
             half = _F32(0.5)
-        else:  # d = (the value of largest magnitude) / -(top + 1) / 2; codes around it
+        else:  # d = (the value of largest magnitude) / -8 or -16; codes around it
             d = _signed_max(x, hi, lo) / _F32(-(top + 1) // 2)
             t = x.copy()
             half = _F32((top + 1) // 2 + 0.5)

@@ -4,8 +4,8 @@
 
 Every step is the CPU path's float32/float64 arithmetic in the same order, so the bytes do not depend on the
 device (tests hold this module to `gguf_quants` on torch's CPU device, for every type):
-- Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 follow gguf-py's `quantize_blocks` (which `gguf_quants` calls, or, for Q8_0,
-  repeats in fewer passes), ggml's rounding included (`np_roundf` for Q8_0, trunc(v + 8.5) for Q4_0, ...).
+- Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 follow gguf-py's `quantize_blocks` (which `gguf_quants` repeats in fewer passes),
+  ggml's rounding included (`np_roundf` for Q8_0, trunc(v + 8.5) for Q4_0, ...).
 - Q4_K, Q5_K, Q6_K follow `gguf_quants`' own search; its sums run in a fixed pairwise order (`_colsum`) there and
   here, since numpy's and torch's reductions each pick their own order.
 - Divisions are tensor by tensor: CUDA divides by a Python number as a multiply by its reciprocal, which is not

@@ -166,6 +166,15 @@ AHEAD = 64 << 20  # bytes of reads on the disk ahead of the one in use (at least
 READ_KEEP = 64 << 20  # idle read buffers kept for reuse (0, 64 and 192 MB ran the same on FLUX.1)
 
 
+def open_reader(path: str | os.PathLike, size: int) -> DirectReader | None:
+    """A `DirectReader` of `path` (`size` bytes) when it should be read around the page cache (`wanted_for_reading`)
+    and can be; else None (read it buffered or mapped). The caller closes it."""
+    from ..parallel import BufferPool
+
+    fd = open_read(path) if wanted_for_reading(size) else None
+    return None if fd is None else DirectReader(fd, BufferPool(keep=READ_KEEP))
+
+
 def open_read(path: str | os.PathLike) -> int | None:
     """A file descriptor of `path` for O_DIRECT reads, or None where that is not possible."""
     return _open_tried(path, os.O_RDONLY, lambda fd: os.preadv(fd, [aligned(ALIGN)], 0))
@@ -223,12 +232,13 @@ class DirectReader:
         self._fd = -1
 
 
-def read_runs(reader: DirectReader, items: list, size: int, path, whole: bool = False):
-    """The bytes of `items` ((item, offset, nbytes) in file order) read with `reader`: consecutive items grouped
-    into reads of RUN bytes or more, AHEAD bytes of reads on the disk ahead of the one in use. Yields, per read,
-    (its uint8 buffer, [(item, its bytes as a view of the buffer), ...]). The first read starts at byte 0 (the
-    header). With `whole` the reads cover every byte of the file, gaps and the tail up to `size` included, for a
-    hash; otherwise stretches of RUN bytes or more that no item needs are not read."""
+def read_runs(reader: DirectReader, items: list, size: int, path, hasher=None):
+    """(item, its bytes as a uint8 view of a read's buffer) for each (item, offset, nbytes) of `items` (in file
+    order), read with `reader`: consecutive items grouped into reads of RUN bytes or more, AHEAD bytes of reads on
+    the disk ahead of the one in use, the first from byte 0 (the header). With a `hasher` the reads cover every byte
+    of the file, gaps and the tail up to `size` included, and each goes through it in order; without, stretches of
+    RUN bytes or more that no item needs are not read."""
+    whole = hasher is not None
     runs, start, end, group = [], 0, 0, []
     for item, offset, nbytes in items:
         if not whole and offset - end >= RUN:
@@ -251,4 +261,7 @@ def read_runs(reader: DirectReader, items: list, size: int, path, whole: bool = 
             buf = next(bufs)
         except EOFError as exc:
             raise InputFileError(f"{path}: {exc}: truncated while being read.", hint="Download it again.") from None
-        yield buf, [(item, buf[offset - start:offset - start + nbytes]) for item, offset, nbytes in group]
+        if whole:
+            hasher.update(buf)
+        for item, offset, nbytes in group:
+            yield item, buf[offset - start:offset - start + nbytes]

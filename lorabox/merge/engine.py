@@ -24,7 +24,7 @@ from ..errors import InputFileError, LoraboxError, OutputError, UnknownArchitect
 from ..io import digests, direct
 from ..io.files import commit
 from ..io.safetensors import StreamWriter, release, same_file
-from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, BufferPool, prefetch
+from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, prefetch
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
@@ -332,8 +332,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
     reader = None
     try:
         digest = digests.WhileReading(shard.path, fd)  # a base merged before: remembered (io/digests.py)
-        rfd = direct.open_read(shard.path) if direct.wanted_for_reading(digest.before.st_size) else None
-        reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=direct.READ_KEEP))
+        reader = direct.open_reader(shard.path, digest.before.st_size)
         with StreamWriter(path, entries, metadata) as writer:
             _stream(shard, fd, digest.hasher, reader, plan, dtype, rounding, scaled, writer, report, tick, compute)
             writer.fill(digests.PENDING, digest.finish())
@@ -385,11 +384,8 @@ def _read_direct(shard: Shard, size: int, hasher, reader: direct.DirectReader):
     """`_read_in_order` with O_DIRECT reads (`direct.read_runs`), each read hashed whole (header, gaps and tail
     included) and each tensor a view of its read's buffer."""
     items = [(info, info.offset, info.nbytes) for info in shard.tensors]
-    for buf, group in direct.read_runs(reader, items, size, shard.path, whole=hasher is not None):
-        if hasher is not None:
-            hasher.update(buf)
-        for info, raw in group:
-            yield info, Tensor(raw.view(storage_dtype(info.dtype)).reshape(info.shape), info.dtype)
+    for info, raw in direct.read_runs(reader, items, size, shard.path, hasher):
+        yield info, Tensor(raw.view(storage_dtype(info.dtype)).reshape(info.shape), info.dtype)
 
 
 def _touch(view) -> None:

@@ -126,9 +126,7 @@ def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, pl
     offsets = [offset for _, offset, _ in items]
     in_order = offsets == sorted(offsets)  # no writer we know reorders
     digest = digests.WhileReading(path, fd, in_order=in_order)
-    size = digest.before.st_size
-    rfd = direct.open_read(path) if in_order and direct.wanted_for_reading(size) else None
-    reader = None if rfd is None else direct.DirectReader(rfd, BufferPool(keep=direct.READ_KEEP))
+    reader = direct.open_reader(path, digest.before.st_size) if in_order else None
     try:
         reads = _read_in_order(path, fd, items, digest.hasher, reader)
         ahead = prefetch(reads, READ_AHEAD if reader is None else READ_AHEAD - direct.AHEAD,
@@ -157,11 +155,7 @@ def _read_in_order(path: Path, fd: int, items: list, hasher, reader: direct.Dire
     Otherwise tensors are read into recycled buffers (`BufferPool`): a fresh buffer is fresh memory, zeroed and
     faulted in page by page (a FLUX.1 --quant Q8_0 merge spent 41 system CPU-s)."""
     if reader is not None:
-        size = os.fstat(fd).st_size
-        for buf, group in direct.read_runs(reader, items, size, path, whole=hasher is not None):
-            if hasher is not None:
-                hasher.update(buf)
-            yield from group
+        yield from direct.read_runs(reader, items, os.fstat(fd).st_size, path, hasher)
         return
     pool = BufferPool(keep=direct.READ_KEEP)
     scratch = np.empty(min(HASH_STEP, os.fstat(fd).st_size), np.uint8) if hasher is not None else None

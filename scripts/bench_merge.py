@@ -180,12 +180,14 @@ def main():
                     "lays it out (the denoiser only); overrides --dtype")
     ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
                     "(the default: CUDA when present), cpu, cuda")
-    ap.add_argument("--io", choices=["direct", "buffered"], default="direct", help="how the base is read and the "
-                    "output written: around the page cache where the filesystem allows (the default), or through it "
-                    "(LORABOX_DIRECT_IO=0)")
+    ap.add_argument("--io", choices=["direct", "buffered", "direct-reads"], default="direct", help="direct (the "
+                    "default): the output written around the page cache where the filesystem allows, the base read "
+                    "through it; buffered: both through it (LORABOX_DIRECT_IO=0); direct-reads: both around it "
+                    "(LORABOX_DIRECT_READS=1)")
     args = ap.parse_args()
     if args.io == "buffered":
         os.environ["LORABOX_DIRECT_IO"] = "0"
+    os.environ["LORABOX_DIRECT_READS"] = "1" if args.io == "direct-reads" else "0"
     d = Path(args.dir)
     made_dir = not d.exists()
     d.mkdir(parents=True, exist_ok=True)

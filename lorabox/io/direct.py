@@ -9,8 +9,8 @@ staged in aligned buffers and written with O_DIRECT, DEPTH buffers on the disk w
 filesystems); the caller then writes through the page cache as before. The file's last block is written whole and
 the file then truncated to its exact size; durability (fsync) stays the caller's.
 
-Reads (`open_read`, `DirectReader`) go around the page cache only for files too big for it to keep; a smaller file
-is better read through it, where the next run finds it.
+Reads (`open_read`, `DirectReader`) go around the page cache only when asked (`LORABOX_DIRECT_READS=1`, see
+`wanted_for_reading`), and then only for files too big for it to keep.
 """
 from __future__ import annotations
 
@@ -35,10 +35,15 @@ def wanted(nbytes: int) -> bool:
 
 
 def wanted_for_reading(nbytes: int) -> bool:
-    """Whether a file of `nbytes` should be read with O_DIRECT: only one too big for the page cache to keep for the
-    next run (over CACHE_SHARE of the RAM). A smaller one, like a 5 GB SDXL base on this 24 GiB machine, is read
-    again from memory by the next merge (10.8-11.3 s, against 11.7-12.9 s read from the disk each time)."""
-    return wanted(nbytes) and nbytes > CACHE_SHARE * _ram()
+    """Whether a file of `nbytes` should be read with O_DIRECT: only when asked (`LORABOX_DIRECT_READS=1`), and then
+    only one too big for the page cache to keep for the next run (over CACHE_SHARE of the RAM; a 5 GB SDXL base on a
+    24 GiB machine is read again from memory by the next merge).
+
+    Off by default: on a virtual disk that stalls (nothing completing for 1-3 s with requests in flight), direct
+    reads of a 23.8 GB FLUX.1 base left the merge stalled 45-55 s of 136-142 s, against 11-19 s of 114-131 s with
+    mapped reads and the kernel's read-ahead (docs/benchmarks.md, eleventh session); on a steadier disk they saved
+    1-3 system CPU-s and no wall time."""
+    return os.environ.get("LORABOX_DIRECT_READS", "0") == "1" and wanted(nbytes) and nbytes > CACHE_SHARE * _ram()
 
 
 def _ram() -> int:

@@ -151,7 +151,7 @@ def read_directly(monkeypatch):
 def test_only_files_the_page_cache_cannot_keep_are_read_directly_and_only_when_asked(monkeypatch):
     monkeypatch.setattr(direct, "_ram", lambda: 24 << 30)
     monkeypatch.delenv("LORABOX_DIRECT_READS", raising=False)
-    assert not direct.wanted_for_reading(23 << 30)  # mapped reads by default
+    assert not direct.wanted_for_reading(23 << 30)  # through the page cache by default
     monkeypatch.setenv("LORABOX_DIRECT_READS", "1")
     assert not direct.wanted_for_reading(5 << 30)  # an SDXL base: the next merge finds it in memory
     assert direct.wanted_for_reading(23 << 30)  # FLUX.1: more than half the RAM

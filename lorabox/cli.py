@@ -250,7 +250,8 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
         click.echo(json.dumps(report.as_dict(), indent=2))
         return
     click.echo(f"{base} ({report.architecture}, {report.layout} layout) + {len(specs)} LoRA(s) -> {report.output}: "
-               f"{report.merged} of {report.tensors} tensors changed on {report.device}, {report.seconds:.1f} s")
+               f"{report.merged} of {report.tensors} tensors changed on {report.device}, {report.seconds:.1f} s "
+               f"({', '.join(f'{k} {v:.1f} s' for k, v in report.stages.items())})")
     if report.dropped:
         click.echo(f"dropped {len(report.dropped)} adapter(s) that land nowhere: {', '.join(report.dropped[:10])}",
                    err=True)

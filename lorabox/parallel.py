@@ -9,6 +9,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -21,6 +22,27 @@ def cpus() -> int:
 
 
 READ_AHEAD = WRITE_BEHIND = 192 << 20  # a merge's bytes of inputs read ahead / outputs waiting to be written
+
+
+@contextlib.contextmanager
+def timed(totals: dict, key: str):
+    """Add the seconds spent in the `with` block to `totals[key]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+
+
+def timed_items(items: Iterable, totals: dict, key: str):
+    """`items`, adding the seconds spent waiting for each one to `totals[key]`."""
+    items = iter(items)
+    while True:
+        with timed(totals, key):
+            item = next(items, timed)  # `timed`: a sentinel no iterable yields
+        if item is timed:
+            return
+        yield item
 
 
 def run_chunks(work: Callable[[int], None], starts: Iterable[int], threads: int | None = None,

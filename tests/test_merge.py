@@ -273,6 +273,9 @@ def test_cli_merge_errors_are_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["loras"][0]["ratio"] == 0.5 and report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    stages = report["stages"]  # where the merging thread's time went
+    assert list(stages) == ["computing", "waiting for reads", "waiting for writes"] and stages["computing"] > 0
+    assert 0 < sum(stages.values()) <= report["seconds"]
     if not torch.cuda.is_available():
         proc = subprocess.run(cli + ["--lora", str(lora), "-o", str(tmp_path / "c.safetensors"), "--device", "cuda"],
                               capture_output=True, text=True)

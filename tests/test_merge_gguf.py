@@ -43,6 +43,7 @@ def test_gguf_base_keeps_types_and_matches_gguf_quantize(tmp_path, qtype):
     lora, path = _lora(tmp_path)
     report = merge(tmp_path / "base.gguf", [(path, 0.8)], tmp_path / "out.gguf")
     assert report.layout == "gguf" and report.merged > 0
+    assert report.stages["computing"] > 0 and sum(report.stages.values()) <= report.seconds
     src, out = open_gguf(tmp_path / "base.gguf"), open_gguf(tmp_path / "out.gguf")
     assert out.architecture == "flux" and out.kv["note"] == "tiny" and "lorabox.merge" in out.kv
     deltas = effective_deltas(lora)

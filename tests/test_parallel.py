@@ -1,7 +1,9 @@
-"""Streaming helpers: the output buffer pool never hands out memory that is still held."""
+"""Streaming helpers: the output buffer pool never hands out memory that is still held; stage timers."""
+import time
+
 import numpy as np
 
-from lorabox.parallel import BufferPool
+from lorabox.parallel import BufferPool, timed, timed_items
 
 
 def test_buffer_pool_reuses_only_released_arrays():
@@ -30,3 +32,21 @@ def test_buffer_pool_drops_idle_arrays_beyond_its_budget():
     big = pool.empty((8 << 20,), np.uint8)  # none fits: a new array, and idle ones beyond 3 MiB are let go
     assert 0 < sum(x.nbytes for x in pool._arrays if not np.shares_memory(x, big)) <= 3 << 20
     assert big.nbytes == 8 << 20
+
+
+def test_timed_items_adds_the_waits_for_each_item_and_nothing_of_the_loop_body():
+    def slow():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    totals = {}
+    seen = []
+    for i in timed_items(slow(), totals, "reads"):
+        with timed(totals, "work"):
+            time.sleep(0.02)
+        time.sleep(0.1)  # neither stage
+        seen.append(i)
+    assert seen == [0, 1, 2]
+    assert 0.15 <= totals["reads"] < 0.42 and 0.06 <= totals["work"] < 0.3  # sleeps are at least as long as asked
+    assert list(timed_items([None, 0], totals, "none")) == [None, 0]  # falsy items are items, not the end

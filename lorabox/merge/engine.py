@@ -24,7 +24,7 @@ from ..errors import InputFileError, LoraboxError, OutputError, UnknownArchitect
 from ..io import digests, direct
 from ..io.files import commit
 from ..io.safetensors import StreamWriter, release, same_file
-from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, prefetch
+from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, prefetch, timed, timed_items
 from ..tensor import Tensor, storage_dtype
 from .base import BaseCheckpoint, Shard, TensorInfo, open_base
 from .gguf_merge import is_gguf, merge_gguf_base, merge_to_gguf
@@ -33,6 +33,7 @@ from .plan import Plan, factors, make_plan
 
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp8_e4m3fn": "F8_E4M3", "fp8_e5m2": "F8_E5M2"}
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+STAGES = ("computing", "waiting for reads", "waiting for writes")  # MergeReport.stages
 
 
 @dataclass
@@ -47,6 +48,9 @@ class MergeReport:
     dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
+    # where the merging thread's time went, in seconds: "computing", "waiting for reads" (of the base: the disk is
+    # behind), "waiting for writes" (a full write queue: the disk is behind); compute close to `seconds` means the CPU
+    stages: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
@@ -404,23 +408,25 @@ def _stream(shard: Shard, fd: int, hasher, reader, plan: Plan, dtype: str, round
     reads = prefetch(_read_in_order(shard, fd, hasher, reader), ahead, lambda item: item[0].nbytes)
     # closing: on an error the read-ahead thread stops here, before the caller closes the files it reads
     with contextlib.closing(reads), Behind(lambda job: _write(writer, *job, tick), WRITE_BEHIND) as behind:
-        for info, t in reads:
+        for info, t in timed_items(reads, report.stages, "waiting for reads"):
             if info.name in scaled.skip:
                 tick(info.nbytes)
                 continue
             patches = plan.patches.get(info.name, [])
             target = out_dtype(dtype, info.dtype, len(info.shape))
             layer = scaled.layers.get(info.name)
-            if scaled.mode == "make":
-                outs = _make_scaled(info, t, patches, layer, DTYPES[dtype], scaled.layout, rounding, compute)
-            elif layer is not None:
-                outs = _process_scaled(info, t, patches, layer, scaled, target, rounding, compute)
-            else:
-                outs = [(info.name, compute.process(info, t, patches, target, rounding))]
+            with timed(report.stages, "computing"):
+                if scaled.mode == "make":
+                    outs = _make_scaled(info, t, patches, layer, DTYPES[dtype], scaled.layout, rounding, compute)
+                elif layer is not None:
+                    outs = _process_scaled(info, t, patches, layer, scaled, target, rounding, compute)
+                else:
+                    outs = [(info.name, compute.process(info, t, patches, target, rounding))]
             report.tensors += 1
             report.merged += bool(patches)
             release(factors(patches))  # merged: a LoRA's pages go
-            behind.put((outs, info.nbytes), sum(out.array.nbytes for _, out in outs))
+            with timed(report.stages, "waiting for writes"):
+                behind.put((outs, info.nbytes), sum(out.array.nbytes for _, out in outs))
     if scaled.marker:
         from ..quant.fp8 import scaled_fp8_marker
 

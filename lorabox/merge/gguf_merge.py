@@ -17,7 +17,7 @@ from ..io.files import pread_exact
 from ..io import digests, direct
 from ..io.gguf import GGUFStreamWriter, open_gguf, plan_qtypes
 from ..io.safetensors import release
-from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, BufferPool, prefetch
+from ..parallel import READ_AHEAD, WRITE_BEHIND, Behind, BufferPool, prefetch, timed, timed_items
 from ..tensor import Tensor, storage_dtype
 from .base import open_base
 from .plan import factors, make_plan
@@ -132,13 +132,15 @@ def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, pl
         ahead = prefetch(reads, READ_AHEAD if reader is None else READ_AHEAD - direct.AHEAD,
                          lambda item: item[0].nbytes)
         with contextlib.closing(ahead), Behind(write, WRITE_BEHIND) as behind:
-            for info, raw in ahead:
-                data = step(info, raw)
+            for info, raw in timed_items(ahead, report.stages, "waiting for reads"):
+                with timed(report.stages, "computing"):
+                    data = step(info, raw)
                 patches = plan.patches.get(info.name)
                 release(factors(patches or []))  # merged: a LoRA's pages go, as in the engine
                 report.tensors += 1
                 report.merged += bool(patches)
-                behind.put(((names or {}).get(info.name, info.name), data, info.nbytes), data.nbytes)
+                with timed(report.stages, "waiting for writes"):
+                    behind.put(((names or {}).get(info.name, info.name), data, info.nbytes), data.nbytes)
     finally:
         if reader is not None:
             reader.close()

@@ -48,8 +48,9 @@ class MergeReport:
     dropped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     bytes_written: int = 0
-    # where the merging thread's time went, in seconds: "computing", "waiting for reads" (of the base: the disk is
-    # behind), "waiting for writes" (a full write queue: the disk is behind); compute close to `seconds` means the CPU
+    # where the merging thread's time went, in seconds: "computing", "waiting for reads" (the base's reads, or its
+    # hashing on the reading thread, are behind), "waiting for writes" (a full write queue: the disk is behind);
+    # computing close to `seconds` means the CPU is the limit
     stages: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     def as_dict(self) -> dict:

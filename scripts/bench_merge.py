@@ -26,8 +26,10 @@ checkpoint keys (and LoRA modules) the regex finds, and skips the diffusers fold
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -145,20 +147,32 @@ def write_diffusers_folder(folder: Path) -> None:
 def run(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS GiB) of a command: the child's own rusage (os.wait4), so no GNU time is needed."""
     t = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode:
             err.seek(0)
             raise SystemExit(err.read().decode(errors="replace")[-2000:])
-    global LAST_CPU
+        out.seek(0)
+        global LAST_CPU, LAST_STDOUT
+        LAST_STDOUT = out.read().decode(errors="replace")
     LAST_CPU = (usage.ru_utime, usage.ru_stime)
     return seconds, usage.ru_maxrss / 2**20
 
 
 LAST_CPU = (0.0, 0.0)  # user and system CPU-s of the last `run`
+LAST_STDOUT = ""  # what it printed
+
+
+def stages() -> str:
+    """Where the last merge's merging thread spent its time, from its --json report (`MergeReport.stages`)."""
+    try:
+        report = json.loads(LAST_STDOUT)
+    except ValueError:
+        return ""
+    return "; " + ", ".join(f"{k} {v:.1f} s" for k, v in report.get("stages", {}).items())
 
 
 def main():
@@ -178,6 +192,10 @@ def main():
                     "patched weights, the default for fp8)")
     ap.add_argument("--quant", help="lorabox merge --quant (Q8_0, Q4_K, ...): write GGUF instead, as ComfyUI-GGUF "
                     "lays it out (the denoiser only); overrides --dtype")
+    ap.add_argument("--merge-args", default="", help="more lorabox merge options, in one string "
+                    "('--fp8-layout comfy_quant --rounding nearest')")
+    ap.add_argument("--base-quant", metavar="TYPE", help="merge into a GGUF base of this type (Q8_0, Q4_K, ...), "
+                    "keeping its types: the base is written first, by a lorabox merge --quant")
     ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
                     "(the default: CUDA when present), cpu, cuda")
     ap.add_argument("--io", choices=["direct", "buffered", "direct-reads"], default="direct", help="direct (the "
@@ -209,6 +227,15 @@ def main():
           f"(written in {time.perf_counter() - t:.0f} s)")
     write_lora(lora, modules, args.rank)
     print(f"LoRA rank {args.rank} on {len(modules)} weights: {lora.stat().st_size / 1e6:.0f} MB")
+    if args.base_quant:  # a GGUF base: the checkpoint above quantized (with the LoRA merged once, it does not matter)
+        gguf_base = d / f"{args.model}.{args.base_quant}.gguf"
+        if not gguf_base.exists():
+            t_base, _ = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o",
+                             str(gguf_base), "--quant", args.base_quant])
+            made.append(gguf_base)
+            print(f"GGUF base in {args.base_quant}: {gguf_base.stat().st_size / 1e9:.1f} GB (written in {t_base:.0f} s)")
+        base, out = gguf_base, d / "out.gguf"
+        scratch.append(out)
     devices = args.device or ["auto"]
     ratios: dict[str, list[float]] = {}
     for round_ in range(args.rounds):
@@ -264,14 +291,14 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
         if device == "again":  # the everyday case of another LoRA on the same base: its digest is remembered
             device, label = devices[0], "again"
             print("again, the base's sha256 remembered from the first merge:", end=" ")
-        output = ["--quant", args.quant] if args.quant else ["--dtype", args.dtype]
+        output = (["--quant", args.quant] if args.quant else ["--dtype", args.dtype]) + shlex.split(args.merge_args)
         t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o",
                             str(out), "--overwrite", "--json", "--device", device, *output])
         timings.append((t_merge, rss))
         ratios.setdefault(label, []).append(t_merge / t_copy)
         print(f"lorabox merge (--device {device} {' '.join(output)}, {args.io} I/O): {t_merge:.1f} s "
               f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
-              f"ratio to copy {t_merge / t_copy:.2f}")
+              f"ratio to copy {t_merge / t_copy:.2f}{stages()}")
     return timings
 
 

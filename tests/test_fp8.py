@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorabox.io.safetensors import read_header, read_tensors, write_tensors
-from lorabox.quant import fp8
+from lorabox.quant import fp8, pcg64_torch
 from lorabox.tensor import Tensor
 from tests.oracles.comfy import comfy_available, import_comfy, requires_comfy
 
@@ -214,16 +214,16 @@ def _test_values(dtype: str, rng) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2"])
 def test_the_device_twin_of_stochastic_rounding_gives_the_same_bits(dtype, monkeypatch):
-    """TorchCompute's stochastic fp8 (the same PCG64 draws from `stochastic_draws`, the same integer steps in
-    torch) on every kind of value: the hard ones, zeros, NaNs, infinities, float32 subnormals, beyond max."""
+    """TorchCompute's stochastic fp8 (the same PCG64 draws, made by torch: `pcg64_torch.draws`; the same integer
+    steps in torch) on every kind of value: the hard ones, zeros, NaNs, infinities, float32 subnormals, beyond max."""
     monkeypatch.setattr(fp8, "CHUNK", 512)
-    monkeypatch.setattr(fp8, "SEGMENT", 2048)  # the draws of several segments, each from its place in the stream
+    monkeypatch.setattr(fp8, "SEGMENT", 2048)  # numpy's rounding in several segments, each from its place in the stream
     rng = np.random.default_rng(11)
     special = np.array([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-45, -1e-40, 1e6, -1e6], np.float32)
     x = np.concatenate([_test_values(dtype, rng), special, (rng.standard_normal(9_999) * 0.03).astype(np.float32)])
     want = fp8.round_fp8(x, dtype, stochastic=True, seed=12345)
-    draws = torch.from_numpy(fp8.stochastic_draws(x.size, 12345, threads=3).view(np.int32)).to(torch.int64)
-    got = fp8.stochastic_bits_torch(torch, torch.from_numpy(x), draws & 0xFFFFFFFF, dtype).numpy()
+    draws = pcg64_torch.draws(torch, 12345, 0, x.size, "cpu")
+    got = fp8.stochastic_bits_torch(torch, torch.from_numpy(x), draws, dtype).numpy()
     np.testing.assert_array_equal(got, want)
 
 

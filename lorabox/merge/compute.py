@@ -27,7 +27,7 @@ FUSED = ("BF16", "F16")  # outputs (besides fp8) whose tiles may fold the multip
 BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
 TILE_BYTES = 4 << 20  # float64 tile of the torch kernels (`_tiles`)
 TILE_COLS = 4096
-FP8_STEP = 1 << 24  # elements per device step of the stochastic fp8 rounding (int64 temporaries: 128 MB each)
+FP8_STEP = 1 << 22  # elements per device step of the stochastic fp8 rounding (even; temporaries of 32-128 MB)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -357,8 +357,8 @@ def _from_torch(torch, x, dtype: str) -> np.ndarray:
 class TorchCompute:
     """The GPU path: the whole weight in float64 on the device, the same operations in the same order as
     `NumpyCompute`, and torch's own rounding (to float32, then to the output dtype). fp8 rounding runs on the
-    device too, ComfyUI scaled fp8's included: nearest as torch's cast, stochastic from the CPU path's PCG64 draws
-    (made on the CPU workers) with the same integer steps, so the bytes do not depend on the device. GGUF block
+    device too, ComfyUI scaled fp8's included: nearest as torch's cast, stochastic from the CPU path's PCG64 stream
+    (made on the device) with the same integer steps, so the bytes do not depend on the device. GGUF block
     quantization too (`gguf`: `lorabox.quant.gguf_torch`, the CPU path's steps); only the blocks come back."""
 
     def __init__(self, device: str = "cuda"):
@@ -378,12 +378,8 @@ class TorchCompute:
         return self.cpu.session()
 
     @property
-    def threads(self) -> int:
-        return self.cpu.threads
-
-    @property
     def pool(self):
-        """The CPU worker pool of the session: the draws of fp8 stochastic rounding are made there."""
+        """The CPU worker pool of the session: GGUF types the device does not handle are encoded there."""
         return self.cpu.pool
 
     def process(self, info, t: Tensor, patches: list, dtype: str, rounding: str = "nearest") -> Tensor:
@@ -523,20 +519,18 @@ class TorchCompute:
         return self._fp8_stochastic(name, f32, dtype) if stochastic else self._fp8_nearest(f32, dtype)
 
     def _fp8_stochastic(self, name: str, f32, dtype: str) -> np.ndarray:
-        """lorabox.quant.fp8's stochastic rounding on the device: the same PCG64 draws (made on the CPU workers,
-        4 bytes per element) and the same integer steps, so the same bits as the CPU path."""
-        from ..quant.fp8 import seed_for_key, stochastic_bits_torch, stochastic_draws
+        """lorabox.quant.fp8's stochastic rounding on the device: the same PCG64 draws, made there
+        (`pcg64_torch.draws`), and the same integer steps, so the same bits as the CPU path."""
+        from ..quant.fp8 import seed_for_key, stochastic_bits_torch
+        from ..quant.pcg64_torch import draws
 
         torch = self.torch
         flat = f32.reshape(-1)
-        n = flat.numel()
-        raw = self.cpu.buffers.empty(((n + 1) // 2,), np.uint64)
-        draws = torch.from_numpy(stochastic_draws(n, seed_for_key(name), self.threads, self.pool, out=raw)
-                                 .view(np.int32))
+        n, seed = flat.numel(), seed_for_key(name)
         out = torch.empty(n, dtype=torch.uint8, device=self.device)
         for s in range(0, n, FP8_STEP):
-            d = draws[s:s + FP8_STEP].to(self.device).to(torch.int64) & 0xFFFFFFFF
-            out[s:s + FP8_STEP] = stochastic_bits_torch(torch, flat[s:s + FP8_STEP], d, dtype)
+            m = min(FP8_STEP, n - s)
+            out[s:s + m] = stochastic_bits_torch(torch, flat[s:s + m], draws(torch, seed, s, m, self.device), dtype)
         return self._host(out.reshape(f32.shape), dtype)
 
     def _fp8_nearest(self, f32, dtype: str) -> np.ndarray:

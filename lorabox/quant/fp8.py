@@ -143,24 +143,11 @@ def _stream_at(seeds: np.random.SeedSequence, first: int) -> np.random.PCG64:
     return rng
 
 
-def stochastic_draws(n: int, seed: int, threads: int = 1, pool=None, out: np.ndarray | None = None) -> np.ndarray:
+def stochastic_draws(n: int, seed: int) -> np.ndarray:
     """The uint32 draws `round_fp8(stochastic=True, seed=seed)` gives the elements of an n-element array, in flat
     order: the stream's 64-bit outputs split into 32-bit halves, low half first (every chunk but the last takes
-    CHUNK / 2 outputs). For a device that does the rest of the rounding itself (`TorchCompute`); segments are made
-    in parallel, each from its own place in the stream. `out`: a uint64 array of (n + 1) // 2 elements to fill (a
-    recycled one: fresh memory faults every page on first touch)."""
-    from ..parallel import run_chunks
-
-    raw = np.empty((n + 1) // 2, "<u8") if out is None else out.view("<u8")
-    step = _segment(n, threads)
-    seeds = np.random.SeedSequence(seed)
-
-    def segment(first: int) -> None:
-        rng = _stream_at(seeds, first)
-        count = (min(n, first + step) - first + 1) // 2
-        raw[first // 2:first // 2 + count] = rng.random_raw(count)
-
-    run_chunks(segment, range(0, n, step), threads, pool)
+    CHUNK / 2 outputs). The oracle of the device's stream (`lorabox.quant.pcg64_torch.draws`)."""
+    raw = np.random.PCG64(np.random.SeedSequence(seed)).random_raw((n + 1) // 2).astype("<u8", copy=False)
     return raw.view("<u4")[:n]
 
 
@@ -289,7 +276,7 @@ def _stochastic_chunk(src: np.ndarray, out: np.ndarray, work: _Work, draws: np.n
 
 def stochastic_bits_torch(torch, x, draws, dtype: str):
     """`_stochastic_chunk` in torch, for a device (`TorchCompute`): float32 `x`, its uint32 draws
-    (`stochastic_draws`) held in int64, the same integer steps, so the same bits. Runs in int64, where numpy's
+    (`stochastic_draws`, or `pcg64_torch.draws` on the device) held in int64, the same integer steps, so the same bits. Runs in int64, where numpy's
     uint32 wraps below the normal range; those lanes take the subnormal result either way. Kept next to the numpy
     steps: a change to one is a change to both (a test holds them equal on every kind of value)."""
     spec = _spec(dtype)

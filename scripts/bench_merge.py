@@ -233,7 +233,8 @@ def main():
             t_base, _ = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o",
                              str(gguf_base), "--quant", args.base_quant])
             made.append(gguf_base)
-            print(f"GGUF base in {args.base_quant}: {gguf_base.stat().st_size / 1e9:.1f} GB (written in {t_base:.0f} s)")
+            print(f"GGUF base in {args.base_quant}: {gguf_base.stat().st_size / 1e9:.1f} GB "
+                  f"(written in {t_base:.0f} s)")
         base, out = gguf_base, d / "out.gguf"
         scratch.append(out)
     devices = args.device or ["auto"]

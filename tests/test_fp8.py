@@ -217,7 +217,7 @@ def test_the_device_twin_of_stochastic_rounding_gives_the_same_bits(dtype, monke
     """TorchCompute's stochastic fp8 (the same PCG64 draws, made by torch: `pcg64_torch.draws`; the same integer
     steps in torch) on every kind of value: the hard ones, zeros, NaNs, infinities, float32 subnormals, beyond max."""
     monkeypatch.setattr(fp8, "CHUNK", 512)
-    monkeypatch.setattr(fp8, "SEGMENT", 2048)  # numpy's rounding in several segments, each from its place in the stream
+    monkeypatch.setattr(fp8, "SEGMENT", 2048)  # numpy's rounding in segments, each from its place in the stream
     rng = np.random.default_rng(11)
     special = np.array([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-45, -1e-40, 1e6, -1e6], np.float32)
     x = np.concatenate([_test_values(dtype, rng), special, (rng.standard_normal(9_999) * 0.03).astype(np.float32)])

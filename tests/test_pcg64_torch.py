@@ -15,9 +15,10 @@ def _want(seed: int, first: int, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed, first, n", [
-    (0, 0, 0), (0, 0, 1), (1, 0, 2), (12345, 0, 1001), (7, 2, 5), (fp8.seed_for_key("double_blocks.0.img_attn.qkv.weight"), 0, 777),
+    (0, 0, 0), (0, 0, 1), (1, 0, 2), (12345, 0, 1001), (7, 2, 5),
+    (fp8.seed_for_key("double_blocks.0.img_attn.qkv.weight"), 0, 777),
     (2**32 - 1, 0, 2 * 65536 + 3),  # past the first block, odd
-    (99, 131070, 300_000),  # from an output in the middle of the second block
+    (99, 131070, 300_000),  # from the stream's output 65,535 on: the host's jump to the first state
 ])
 def test_draws_are_numpys_pcg64_stream(device, seed, first, n):
     got = pcg64_torch.draws(torch, seed, first, n, device)
@@ -27,7 +28,7 @@ def test_draws_are_numpys_pcg64_stream(device, seed, first, n):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_many_small_blocks_each_start_where_the_stream_is(device, monkeypatch):
-    """Blocks of 16 outputs: 200 block starts stepped on the host, and every rotation amount of the output met."""
+    """Blocks of 16 outputs: 200 block starts, each stepped from the one before on the host."""
     monkeypatch.setattr(pcg64_torch, "BLOCK", 16)
     for seed, first in ((3, 0), (4, 10), (5, 6400)):
         got = pcg64_torch.draws(torch, seed, first, 6399, device)

@@ -276,9 +276,10 @@ def _stochastic_chunk(src: np.ndarray, out: np.ndarray, work: _Work, draws: np.n
 
 def stochastic_bits_torch(torch, x, draws, dtype: str):
     """`_stochastic_chunk` in torch, for a device (`TorchCompute`): float32 `x`, its uint32 draws
-    (`stochastic_draws`, or `pcg64_torch.draws` on the device) held in int64, the same integer steps, so the same bits. Runs in int64, where numpy's
-    uint32 wraps below the normal range; those lanes take the subnormal result either way. Kept next to the numpy
-    steps: a change to one is a change to both (a test holds them equal on every kind of value)."""
+    (`stochastic_draws`, or `pcg64_torch.draws` on the device) held in int64, the same integer steps, so the same
+    bits. Runs in int64, where numpy's uint32 wraps below the normal range; those lanes take the subnormal result
+    either way. Kept next to the numpy steps: a change to one is a change to both (a test holds them equal on every
+    kind of value)."""
     spec = _spec(dtype)
     sign = torch.where(x.view(torch.int32) < 0, 0x80, 0)
     a = x.abs().clamp(max=spec.max)  # NaN stays NaN

@@ -85,7 +85,8 @@ def _toeplitz(starts: list[int], inc: int) -> np.ndarray:
 
 def draws(torch, seed: int, first: int, n: int, device):
     """The uint32 draws (held in int64) of elements first .. first + n - 1 of `fp8.round_fp8`'s stochastic
-    rounding with `seed`, made on `device`; `first` is even. Equal to `fp8.stochastic_draws(first + n, seed)[first:]`."""
+    rounding with `seed`, made on `device`; `first` is even. Equal to
+    `fp8.stochastic_draws(first + n, seed)[first:]`."""
     if first % 2:
         raise ValueError(f"draws start at an even element, not {first}")
     if n <= 0:

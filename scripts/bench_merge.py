@@ -146,6 +146,8 @@ def write_diffusers_folder(folder: Path) -> None:
 
 def run(cmd: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS GiB) of a command: the child's own rusage (os.wait4), so no GNU time is needed."""
+    global LAST_CPU, LAST_STDOUT, LAST_MACHINE
+    before = machine_cpu()
     t = time.perf_counter()
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
@@ -156,14 +158,38 @@ def run(cmd: list[str]) -> tuple[float, float]:
             err.seek(0)
             raise SystemExit(err.read().decode(errors="replace")[-2000:])
         out.seek(0)
-        global LAST_CPU, LAST_STDOUT
         LAST_STDOUT = out.read().decode(errors="replace")
     LAST_CPU = (usage.ru_utime, usage.ru_stime)
+    after = machine_cpu()
+    LAST_MACHINE = {k: after[k] - before[k] for k in after} if before and after else {}
     return seconds, usage.ru_maxrss / 2**20
 
 
 LAST_CPU = (0.0, 0.0)  # user and system CPU-s of the last `run`
 LAST_STDOUT = ""  # what it printed
+LAST_MACHINE: dict = {}  # the whole machine's CPU-s by state over the last `run` (`machine_cpu`)
+
+
+def machine_cpu() -> dict | None:
+    """The machine's CPU-s since boot by state, from Linux's /proc/stat (None elsewhere). "steal" is time the
+    hypervisor gave this virtual machine's CPUs to others: on a shared 2-core machine it moves the compute's pace
+    from one run to the next."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:9]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"),
+                    (int(v) / tick for v in fields)))
+
+
+def machine() -> str:
+    """The last `run`'s machine-wide CPU-s that went to other guests (stolen) and to no one (idle, I/O wait)."""
+    m = LAST_MACHINE
+    if not m:
+        return ""
+    return f"; machine: {m['steal']:.0f} stolen, {m['idle'] + m['iowait']:.0f} idle CPU-s"
 
 
 def stages() -> str:
@@ -282,7 +308,7 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
         t_copy, _ = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
     finally:
         copy.unlink(missing_ok=True)
-    print(f"plain copy (cp + sync): {t_copy:.1f} s")
+    print(f"plain copy (cp + sync): {t_copy:.1f} s{machine()}")
     os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base
     shutil.rmtree(d / "cache", ignore_errors=True)  # (a kept --dir remembers it from the last run)
     timings = []
@@ -299,7 +325,7 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
         ratios.setdefault(label, []).append(t_merge / t_copy)
         print(f"lorabox merge (--device {device} {' '.join(output)}, {args.io} I/O): {t_merge:.1f} s "
               f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
-              f"ratio to copy {t_merge / t_copy:.2f}{stages()}")
+              f"ratio to copy {t_merge / t_copy:.2f}{stages()}{machine()}")
     return timings
 
 

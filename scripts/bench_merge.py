@@ -7,7 +7,8 @@ writes the LoRA-targetable weights and biases under their bare BFL names, everyt
 diffusers' names. A kohya LoRA of the given rank on every targetable weight (`lora_unet_<SGM or BFL name, . -> _>`)
 is merged at 0.8; the script reports wall time, peak RSS of the merge process, and the ratio to a plain copy (`cp`)
 of the same file in the same run, for each `--device` given, then once more with the base's sha256 remembered from
-the first merge (the next LoRA on the same base). `--dtype fp8_e4m3fn` times an fp8 output instead, `--quant
+the first merge (the next LoRA on the same base). On Linux each line also gives the CPU-s the whole machine had
+stolen by its hypervisor and left idle meanwhile. `--dtype fp8_e4m3fn` times an fp8 output instead, `--quant
 Q8_0` (or any GGUF type) a GGUF output.
 
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32

@@ -1,10 +1,13 @@
 r"""Tile shapes of the CPU path's torch kernels (`lorabox/merge/compute.py`: TILE_BYTES, TILE_COLS), on both cores.
 
 Merges FLUX.1- or SDXL-shaped weights (one LoRA each, bf16 factors, ratio 0.8) through `NumpyCompute.process` with
-each tile setting in turn, repeated and interleaved, and prints the best wall and CPU time per element of each:
+each tile setting and each kind of tile in turn (`--kinds`: float32 products with a proof per element, where numba
+is installed, and float64 ones, `LORABOX_CERTIFY`), repeated and interleaved, and prints the best wall and CPU time
+per element of each:
 
     .venv/bin/python scripts/bench_tiles.py --model flux1 --rank 64
     .venv/bin/python scripts/bench_tiles.py --model sdxl --rank 32 --tiles 4096:2,4096:4,4096:8,2048:4
+    .venv/bin/python scripts/bench_tiles.py --model flux1 --rank 64 --tiles 4096:4 --kinds certified,float64
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--tiles", default="4096:2,4096:4,4096:8,1024:4,512:4",
                     help="COLS:MB settings, comma-separated (at most COLS wide, about MB of float64 each)")
+    ap.add_argument("--kinds", default="certified", help="certified, float64 or both, comma-separated")
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="compute threads (default: the CPUs)")
     args = ap.parse_args()
@@ -50,27 +54,30 @@ def main() -> None:
     settings = [tuple(int(x) for x in s.split(":")) for s in args.tiles.split(",")]
     c = compute.NumpyCompute(args.threads)
     info = SimpleNamespace(name="x.weight")
-    best: dict[tuple[int, int], tuple[float, float]] = {}
+    kinds = args.kinds.split(",")
+    best: dict[tuple[str, int, int], tuple[float, float]] = {}
     saved = compute.TILE_COLS, compute.TILE_BYTES
     try:
         with c.session():
             for _ in range(args.repeat):
-                for cols, mb in settings:
+                for kind, (cols, mb) in ((k, s) for k in kinds for s in settings):
                     compute.TILE_COLS, compute.TILE_BYTES = cols, mb << 20
+                    c.certify = kind == "certified"
                     for w, patches in cases:  # warm: buffers of this size
                         c.process(info, w, patches, dtype)
                     t, cpu = time.perf_counter(), time.process_time()
                     for w, patches in cases:
                         c.process(info, w, patches, dtype)
                     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
-                    old = best.get((cols, mb), (float("inf"), float("inf")))
-                    best[(cols, mb)] = (min(old[0], wall), min(old[1], cpu))
+                    old = best.get((kind, cols, mb), (float("inf"), float("inf")))
+                    best[(kind, cols, mb)] = (min(old[0], wall), min(old[1], cpu))
     finally:
         compute.TILE_COLS, compute.TILE_BYTES = saved
     print(f"{args.model} rank {args.rank} {dtype}, {n / 1e6:.0f} M elements, {c.threads} threads, "
           f"best of {args.repeat}:")
-    for (cols, mb), (wall, cpu) in best.items():
-        print(f"  tiles {cols:5d} wide, {mb:2d} MB: {wall / n * 1e9:.2f} ns/el wall, {cpu / n * 1e9:.2f} ns/el CPU")
+    for (kind, cols, mb), (wall, cpu) in best.items():
+        print(f"  {kind} tiles {cols:5d} wide, {mb:2d} MB: {wall / n * 1e9:.2f} ns/el wall, "
+              f"{cpu / n * 1e9:.2f} ns/el CPU")
 
 
 if __name__ == "__main__":

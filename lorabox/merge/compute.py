@@ -1,8 +1,10 @@
 """Where a merged tensor is computed: `NumpyCompute` on the CPU (row blocks on every core) or `TorchCompute` on
 a CUDA device. Both compute W + sum(ratio * scale * delta) in float64 and round it once the way torch's
 `.to(dtype)` rounds a float64 tensor (to float32, then to the output dtype); in the definition's order, so the same
-bytes, except where the CPU path's torch kernels fold the multipliers into the product for 16-bit and fp8 outputs
-(`NumpyCompute._lora_tile`: the same rounded value but on exact ties, one element in 2e6 to 1e7).
+bytes. On the CPU a bf16 or fp16 weight written as itself takes float32 products with a proof per element where
+numba is installed (`NumpyCompute._certified_tile`, `lorabox.merge.certified`): the same bytes, faster. Without
+numba, and for other 16-bit and fp8 outputs, the CPU path's torch kernels fold the multipliers into the float64
+product (`NumpyCompute._lora_tile`: the same rounded value but on exact ties, one element in 2e6 to 1e7).
 
 `make_compute(device)` picks one; `--device cpu` is always the numpy path, which the test suite covers and
 against which the torch path is checked byte for byte (run on torch's CPU device where no GPU is present).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +23,7 @@ import numpy as np
 from ..errors import OutputError
 from ..parallel import BufferPool, cpus, run_chunks
 from ..tensor import Tensor, storage_dtype
+from . import certified
 from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude, multipliers
 
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -116,7 +120,8 @@ class NumpyCompute:
     """The CPU path: float64 row blocks of about BLOCK_BYTES, spread over the CPUs this process may use. With torch
     installed (`kernels="auto"`) a single LoRA on a whole weight (the common case) runs on torch's CPU kernels, in
     tiles of TILE_BYTES: the products on its BLAS (MKL), the elementwise tail (W + delta, then the rounding) on its
-    vectorised casts, written straight into the output. Everything else, and every tensor of a core install, runs on
+    vectorised casts, written straight into the output; for a bf16 or fp16 weight kept in its type, float32
+    products and one compiled pass that proves or repairs each element (`_certified_tile`). Everything else, and every tensor of a core install, runs on
     numpy. For float32 and float64 outputs the bytes are the same either way (tested): products of bf16/fp16 factors
     are exact in float64, and so are their sums unless the factors span more than about 2^30, so the BLAS's summation
     order does not show in the rounded output. For 16-bit and fp8 outputs the tiles fold the multipliers into the
@@ -124,8 +129,11 @@ class NumpyCompute:
 
     name = "cpu"
 
-    def __init__(self, threads: int | None = None, kernels: str = "auto"):
+    def __init__(self, threads: int | None = None, kernels: str = "auto", certify: bool | None = None):
         self.threads = cpus() if threads is None else threads
+        # float32 products with a proof per element for 16-bit outputs, where numba is installed (`certified`);
+        # LORABOX_CERTIFY=0 keeps every tile in float64 (the benchmarks' A/B)
+        self.certify = os.environ.get("LORABOX_CERTIFY", "1") != "0" if certify is None else certify
         self.buffers = BufferPool()
         self.pool = None  # worker threads, during a session
         self._tile_buffers = threading.local()  # one float64 tile buffer per worker thread
@@ -214,7 +222,10 @@ class NumpyCompute:
         torch = self.torch if t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS else None
         if simple and torch is not None:
             tiles = _tiles(rows, int(np.prod(t.shape[1:])))
-            run_chunks(self._lora_tile(t, a, p.ratio, cache, out, dtype, fused), tiles, self.threads, self.pool)
+            finish = certified.kernel(dtype) if fused and t.dtype == dtype and self.certify else None
+            tile = (self._certified_tile(t, a, p.ratio, cache, out, finish) if finish is not None
+                    else self._lora_tile(t, a, p.ratio, cache, out, dtype, fused))
+            run_chunks(tile, tiles, self.threads, self.pool)
             return out
         if simple:
             block = self._lora_blocks_numpy(t, a, p.ratio, cache, out, dtype, step)
@@ -267,6 +278,36 @@ class NumpyCompute:
                     d *= f
                 d += w
             out_all[rs, cs] = d  # float64 -> float32 -> dtype, as .to(dtype) rounds
+
+        return tile
+
+    def _certified_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, finish):
+        """The same tiles with the product in float32 and a proof per element (`lorabox.merge.certified`): one float32
+        BLAS call per tile, then one compiled pass that adds W, rounds, checks and repairs the few elements the
+        check cannot vouch for. The definition's bytes, ties included."""
+        torch = self.torch
+        rows = t.shape[0]
+        down = cache.down(a)
+        up = np.array(a.tensors["up"].values().reshape(rows, -1), dtype=np.float64)  # own copy: the repairs read it
+        factors = multipliers(a.scale, ratio)
+        scaled = up * math.prod(factors)
+        row_bound, col_bound = certified.bounds(scaled, down)
+        lhs = torch.from_numpy(scaled.astype(np.float32))
+        rhs = torch.from_numpy(down.astype(np.float32))
+        down_t = np.ascontiguousarray(down.T)
+        factors = np.array(factors, dtype=np.float64)
+        w_all = t.array.reshape(rows, -1).view(np.uint16)
+        w_all.flags.writeable = False  # one compiled variant: base weights are read-only maps anyway
+        out_all = out.reshape(rows, -1).view(np.uint16)
+        local = self._tile_buffers
+
+        def tile(rc: tuple[slice, slice]) -> None:
+            rs, cs = rc
+            shape = (rs.stop - rs.start, cs.stop - cs.start)
+            p = _buffer(torch, local, "p32", shape[0] * shape[1], torch.float32).view(shape)
+            torch.mm(lhs[rs], rhs[:, cs], out=p)
+            finish(p.numpy(), w_all, out_all, rs.start, cs.start, row_bound[rs], col_bound[cs], up[rs], down_t,
+                   factors)
 
         return tile
 

@@ -17,7 +17,7 @@ byte for byte, with no tie exceptions (tests/test_merge_certified.py).
 
 The elementwise half (W + P, the two roundings, the flags and the float64 repair) is one pass compiled by numba:
 one read of P and W and one write of the output, vectorised 8 wide. numba is optional (`lorabox[torch]` brings
-it); without it the CPU path computes every tile in float64. `kernel(dtype)` compiles on first use (about 2 s
+it); without it the CPU path computes every tile in float64. `kernel(dtype)` compiles on first use (3-4 s
 once; numba caches it on disk after that).
 """
 from __future__ import annotations

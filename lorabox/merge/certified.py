@@ -27,7 +27,6 @@ import threading
 import numpy as np
 
 HALF = {"BF16": 0, "F16": 1}
-TINY = 2.0 ** -120  # float32 below this is subnormal territory for the bound: such elements are always recomputed
 SLACK = 1 + 2.0 ** -18  # covers the float32 rounding of the bound's own factors and the float64 definition's error
 _lock = threading.Lock()
 _kernels: dict = {}

@@ -121,11 +121,12 @@ class NumpyCompute:
     installed (`kernels="auto"`) a single LoRA on a whole weight (the common case) runs on torch's CPU kernels, in
     tiles of TILE_BYTES: the products on its BLAS (MKL), the elementwise tail (W + delta, then the rounding) on its
     vectorised casts, written straight into the output; for a bf16 or fp16 weight kept in its type, float32
-    products and one compiled pass that proves or repairs each element (`_certified_tile`). Everything else, and every tensor of a core install, runs on
-    numpy. For float32 and float64 outputs the bytes are the same either way (tested): products of bf16/fp16 factors
-    are exact in float64, and so are their sums unless the factors span more than about 2^30, so the BLAS's summation
-    order does not show in the rounded output. For 16-bit and fp8 outputs the tiles fold the multipliers into the
-    product, which differs on exact rounding ties only (see `_lora_tile`)."""
+    products and one compiled pass that proves or repairs each element (`_certified_tile`). Everything else, and
+    every tensor of a core install, runs on numpy. For float32 and float64 outputs the bytes are the same either way
+    (tested): products of bf16/fp16 factors are exact in float64, and so are their sums unless the factors span more
+    than about 2^30, so the BLAS's summation order does not show in the rounded output. For other 16-bit and fp8
+    outputs the float64 tiles fold the multipliers into the product, which differs on exact rounding ties only (see
+    `_lora_tile`); the certified tiles do not."""
 
     name = "cpu"
 

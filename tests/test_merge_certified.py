@@ -1,6 +1,7 @@
 """The CPU path's float32 products with a per-element proof (`lorabox.merge.certified`): 16-bit outputs equal
 torch's rounding of the float64 definition byte for byte, ties, NaN, infinities and subnormals included, and the
 proof is what makes them so (plain float32 products do not)."""
+import subprocess
 import sys
 
 import numpy as np
@@ -10,9 +11,13 @@ import torch
 import lorabox.merge
 from lorabox.lora import Adapter
 from lorabox.merge import certified
+from lorabox.io.safetensors import read_tensors, write_tensors
 from lorabox.merge.compute import NumpyCompute
+from lorabox.merge.engine import merge
 from lorabox.merge.plan import Patch
 from lorabox.tensor import Tensor
+from tests.helpers import rand, random_lora
+from tests.test_merge import flux_base, write_lora
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16}
 INFO = type("Info", (), {"name": "x.weight"})
@@ -148,3 +153,52 @@ def test_float64_tiles_when_asked_or_without_numba(monkeypatch):
     monkeypatch.setitem(sys.modules, "lorabox.merge._certified_numba", None)  # its import fails, as without numba
     assert real("BF16") is None
     assert np.array_equal(_merge(w, up, down, 0.5, "BF16"), want)
+
+
+def test_a_kept_merge_with_plain_loras_needs_no_torch(tmp_path, monkeypatch):
+    """A bf16 base kept in its type, one plain LoRA per weight: every weight takes the certified tiles, so the merge
+    decides before it starts (`NumpyCompute.expect`) that it needs no torch, and a fresh `lorabox merge` never
+    imports it (about 2 s here). A cast, or an adapter other than a plain LoRA, does start the import. The bytes are
+    the numpy path's either way."""
+    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(0), "BF16"))
+    lora = random_lora("flux1", seed=1, every=2, alpha=3.0, text_encoders=False)
+    plain = write_lora(tmp_path / "plain.safetensors", lora, "kohya")
+    key, ad = next(iter(lora.adapters.items()))
+    rng = np.random.default_rng(2)
+    rows, n_in = ad.tensors["up"].shape[0], ad.tensors["down"].shape[1]
+    lora.adapters[key] = Adapter(ad.component, ad.module, None, {
+        "hada_w1_a": rand(rng, (rows, 2)), "hada_w1_b": rand(rng, (2, n_in)),
+        "hada_w2_a": rand(rng, (rows, 2)), "hada_w2_b": rand(rng, (2, n_in))}, Tensor.scalar(2.0))
+    loha = write_lora(tmp_path / "loha.safetensors", lora, "kohya")
+
+    def run(name, lora_path, dtype, **kw):
+        compute = NumpyCompute(**kw)
+        merge(tmp_path / "base.safetensors", [(lora_path, 0.8)], tmp_path / f"out_{name}.safetensors", dtype=dtype,
+              compute=compute)
+        return compute, read_tensors(tmp_path / f"out_{name}.safetensors")[0]
+
+    def fallback(*args, **kw):
+        raise AssertionError("a weight left the certified tiles")
+
+    with monkeypatch.context() as m:
+        m.setattr(NumpyCompute, "_lora_tile", fallback)
+        m.setattr(NumpyCompute, "_lora_blocks_numpy", fallback)
+        compute, got = run("auto", plain, "keep")
+    assert compute.torch is None
+    _, want = run("numpy", plain, "keep", kernels="numpy")
+    assert got.keys() == want.keys() and all(got[k].bits_equal(want[k]) for k in want)
+    for name, path, dtype in (("cast", plain, "fp16"), ("loha", loha, "keep")):
+        compute, other = run(name, path, dtype)
+        assert compute.torch is torch, name
+        _, reference = run(name + "_numpy", path, dtype, kernels="numpy")
+        assert all(other[k].bits_equal(reference[k]) for k in reference), name
+
+    argv = ["lorabox", "merge", str(tmp_path / "base.safetensors"), "--lora", str(plain), "--ratio", "0.8",
+            "-o", str(tmp_path / "cli.safetensors"), "--device", "cpu", "--json"]
+    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules)); from lorabox.cli import run; "
+            f"sys.argv = {argv!r}; run()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("False")  # torch was not imported
+    got = read_tensors(tmp_path / "cli.safetensors")[0]
+    assert all(got[k].bits_equal(want[k]) for k in want)

@@ -48,11 +48,13 @@ def _loras(tmp_path):
 
 
 def _same_outputs(tmp_path, base_path, loras, device, **kw):
-    """numpy kernels (the reference CPU path), torch's CPU kernels inside the CPU path, and TorchCompute."""
+    """numpy kernels (the reference CPU path), torch's CPU kernels inside the CPU path (with and without the
+    certified tiles, and as a merge decides for itself: `NumpyCompute.expect`), and TorchCompute."""
     merge(base_path, loras, tmp_path / "cpu.safetensors", compute=NumpyCompute(kernels="numpy"), **kw)
     want, want_meta = read_tensors(tmp_path / "cpu.safetensors")
     for name, compute in (("kernels", NumpyCompute(kernels="torch", certify=False)),
-                          ("certified", NumpyCompute(kernels="torch")), ("dev", TorchCompute(device))):
+                          ("certified", NumpyCompute(kernels="torch")), ("auto", NumpyCompute()),
+                          ("dev", TorchCompute(device))):
         report = merge(base_path, loras, tmp_path / f"{name}.safetensors", compute=compute, **kw)
         assert report.device == compute.name and report.merged > 0
         got, got_meta = read_tensors(tmp_path / f"{name}.safetensors")

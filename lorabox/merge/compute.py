@@ -89,15 +89,19 @@ def round_fp8_merged(name: str, f32: np.ndarray, dtype: str, rounding: str, patc
                             threads=threads, pool=pool), dtype)
 
 
-def _cpu_torch():
-    """torch for the CPU path's elementwise kernels when it is installed (its vectorised float16/bfloat16 casts
-    are 5-18x faster than numpy's here, and they are the reference rounding): a Future of its import, or None.
-    The import takes 1.2-1.4 s here; on its own thread it overlaps the LoRA loading and planning (SDXL bench: the
-    first tensor 1.8-2.2 s after the start before, 1.8-1.9 s after; 2.0 -> 1.7 s for the same steps on their own)."""
+def _torch_installed() -> bool:
     import importlib.util
 
-    if importlib.util.find_spec("torch") is None:
-        return None
+    return importlib.util.find_spec("torch") is not None
+
+
+def _start_torch_import():
+    """A Future of torch's import, run on its own thread (it takes about 2 s here; `NumpyCompute.expect` starts it
+    while the merge gets ready), or the module where it is already imported."""
+    import sys
+
+    if "torch" in sys.modules:
+        return _import_torch()
     # the executor's thread is joined at exit: a process that stops early (a bad input) waits for the import to end
     # rather than tearing down the interpreter under torch's C++ initialisation
     ex = ThreadPoolExecutor(1, thread_name_prefix="lorabox-import")
@@ -116,38 +120,77 @@ def _import_torch():
     return torch
 
 
+_LATER = "later"  # NumpyCompute._torch before `expect` has said whether this merge uses torch
+
+
 class NumpyCompute:
-    """The CPU path: float64 row blocks of about BLOCK_BYTES, spread over the CPUs this process may use. With torch
-    installed (`kernels="auto"`) a single LoRA on a whole weight (the common case) runs on torch's CPU kernels, in
-    tiles of TILE_BYTES: the products on its BLAS (MKL), the elementwise tail (W + delta, then the rounding) on its
-    vectorised casts, written straight into the output; for a bf16 or fp16 weight kept in its type, float32
-    products and one compiled pass that proves or repairs each element (`_certified_tile`). Everything else, and
-    every tensor of a core install, runs on numpy. For float32 and float64 outputs the bytes are the same either way
-    (tested): products of bf16/fp16 factors are exact in float64, and so are their sums unless the factors span more
-    than about 2^30, so the BLAS's summation order does not show in the rounded output. For other 16-bit and fp8
-    outputs the float64 tiles fold the multipliers into the product, which differs on exact rounding ties only (see
-    `_lora_tile`); the certified tiles do not."""
+    """The CPU path: float64 row blocks of about BLOCK_BYTES, spread over the CPUs this process may use. A single
+    LoRA on a whole weight (the common case) runs in tiles of TILE_BYTES instead: for a bf16 or fp16 weight kept in
+    its type, where numba is installed, float32 products on numpy's BLAS and one compiled pass that proves or
+    repairs each element (`_certified_tile`); otherwise, with torch installed, float64 products on torch's BLAS
+    (MKL) and its vectorised casts for the rounding (`_lora_tile`). Everything else, and every tensor of a core
+    install (`kernels="numpy"` too), runs on numpy. For float32 and float64 outputs the bytes are the same either
+    way (tested): products of bf16/fp16 factors are exact in float64, and so are their sums unless the factors span
+    more than about 2^30, so the BLAS's summation order does not show in the rounded output. For other 16-bit and
+    fp8 outputs the float64 tiles fold the multipliers into the product, which differs on exact rounding ties only
+    (see `_lora_tile`); the certified tiles do not.
+
+    torch takes about 2 s to import here, so a merge says first what it will compute (`expect`) and torch is
+    imported only if some tensor will run on its kernels: a bf16 or fp16 merge kept in its type, with one plain
+    LoRA per weight, needs none."""
 
     name = "cpu"
 
     def __init__(self, threads: int | None = None, kernels: str = "auto", certify: bool | None = None):
         self.threads = cpus() if threads is None else threads
+        self.kernels = kernels  # auto | torch | numpy: see the class's docstring
         # float32 products with a proof per element for 16-bit outputs, where numba is installed (`certified`);
         # LORABOX_CERTIFY=0 keeps every tile in float64 (the benchmarks' A/B)
         self.certify = os.environ.get("LORABOX_CERTIFY", "1") != "0" if certify is None else certify
         self.buffers = BufferPool()
         self.pool = None  # worker threads, during a session
         self._tile_buffers = threading.local()  # one float64 tile buffer per worker thread
-        self._torch = _cpu_torch() if kernels in ("auto", "torch") else None  # being imported, then the module
-        if kernels == "torch" and self._torch is None:
+        installed = kernels in ("auto", "torch") and _torch_installed()
+        if kernels == "torch" and not installed:
             raise OutputError("the torch CPU kernels need torch.", hint="pip install 'lorabox[torch]'.")
+        # kernels="torch": imported now; "auto": when `expect` finds a use for it (or on first use, without one)
+        self._torch = (_start_torch_import() if kernels == "torch" else _LATER) if installed else None
 
     @property
     def torch(self):
-        """torch, once its import is done (the first use waits for it; `session` makes that use), or None."""
+        """torch, once its import is done (the first use waits for it; `session` makes that use), or None where it is
+        not installed, not wanted (`kernels="numpy"`) or not needed by this merge (`expect`)."""
+        if self._torch is _LATER:
+            self._torch = _import_torch()
         if isinstance(self._torch, Future):
             self._torch = self._torch.result()
         return self._torch
+
+    def expect(self, jobs) -> None:
+        """Before a merge: `jobs`, the (TensorInfo, output dtype, patches) of each tensor to come, or None when they
+        are not known. torch's import starts (on its own thread) if some tensor will run on its kernels; if none
+        will, this merge does without it (a tensor whose need was not foreseen would take the numpy path: the
+        definition's bytes, slower)."""
+        if self.kernels != "auto" or self._torch not in (_LATER, None) or not _torch_installed():
+            return
+        uses = jobs is None or any(self._uses_torch(*job) for job in jobs)
+        self._torch = _start_torch_import() if uses else None
+
+    def _uses_torch(self, info, dtype: str, patches: list) -> bool:
+        """Whether `process(info, ..., dtype)` runs on torch's kernels: big casts and float64 tiles, not the small
+        tensors (biases), fp8 rounding or the certified tiles."""
+        if not patches:
+            return dtype != info.dtype and dtype in TORCH_FLOATS  # a cast (`_round`)
+        if info.name.endswith(".bias") or len(info.shape) == 1:
+            return False  # a few thousand values: numpy rounds them as torch does
+        target, fused = ("F32", True) if dtype in FP8 else (dtype, dtype in FUSED)
+        return not (_single_lora(patches) and self._finisher(info.dtype, target, fused) is not None)
+
+    def _finisher(self, t_dtype: str, dtype: str, fused: bool):
+        """The compiled pass of the certified tiles for a weight of `t_dtype` written as `dtype`, or None."""
+        if not (self.certify and fused and t_dtype == dtype and self.kernels != "numpy"):
+            return None
+        return certified.kernel(dtype)
 
     def session(self):
         """Around a whole merge: one worker thread per CPU, kept for the merge, each running BLAS (OpenBLAS, and
@@ -218,15 +261,14 @@ class NumpyCompute:
             cache.warm(p.adapter)
         p = patches[0]
         a = p.adapter
-        simple = (len(patches) == 1 and p.row_map is None and magnitude(a) is None and a.kind == "lora"
-                  and "mid" not in a.tensors and "diff" not in a.tensors)
-        torch = self.torch if t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS else None
-        if simple and torch is not None:
-            tiles = _tiles(rows, int(np.prod(t.shape[1:])))
-            finish = certified.kernel(dtype) if fused and t.dtype == dtype and self.certify else None
+        simple = _single_lora(patches)
+        finish = self._finisher(t.dtype, dtype, fused) if simple else None
+        floats = t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS
+        torch = self.torch if simple and finish is None and floats else None
+        if finish is not None or torch is not None:
             tile = (self._certified_tile(t, a, p.ratio, cache, out, finish) if finish is not None
                     else self._lora_tile(t, a, p.ratio, cache, out, dtype, fused))
-            run_chunks(tile, tiles, self.threads, self.pool)
+            run_chunks(tile, _tiles(rows, int(np.prod(t.shape[1:]))), self.threads, self.pool)
             return out
         if simple:
             block = self._lora_blocks_numpy(t, a, p.ratio, cache, out, dtype, step)
@@ -284,17 +326,16 @@ class NumpyCompute:
 
     def _certified_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, finish):
         """The same tiles with the product in float32 and a proof per element (`lorabox.merge.certified`): one float32
-        BLAS call per tile, then one compiled pass that adds W, rounds, checks and repairs the few elements the
-        check cannot vouch for. The definition's bytes, ties included."""
-        torch = self.torch
+        BLAS call per tile (numpy's OpenBLAS: as fast as torch's MKL on these shapes here, and no torch to import),
+        then one compiled pass that adds W, rounds, checks and repairs the few elements the check cannot vouch for.
+        The definition's bytes, ties included, whichever BLAS computes the products."""
         rows = t.shape[0]
         down = cache.down(a)
         up = np.array(a.tensors["up"].values().reshape(rows, -1), dtype=np.float64)  # own copy: the repairs read it
         factors = multipliers(a.scale, ratio)
         scaled = up * math.prod(factors)
         row_bound, col_bound = certified.bounds(scaled, down)
-        lhs = torch.from_numpy(scaled.astype(np.float32))
-        rhs = torch.from_numpy(down.astype(np.float32))
+        lhs, rhs = scaled.astype(np.float32), down.astype(np.float32)
         down_t = np.ascontiguousarray(down.T)
         factors = np.array(factors, dtype=np.float64)
         w_all = t.array.reshape(rows, -1).view(np.uint16)
@@ -305,10 +346,9 @@ class NumpyCompute:
         def tile(rc: tuple[slice, slice]) -> None:
             rs, cs = rc
             shape = (rs.stop - rs.start, cs.stop - cs.start)
-            p = _buffer(torch, local, "p32", shape[0] * shape[1], torch.float32).view(shape)
-            torch.mm(lhs[rs], rhs[:, cs], out=p)
-            finish(p.numpy(), w_all, out_all, rs.start, cs.start, row_bound[rs], col_bound[cs], up[rs], down_t,
-                   factors)
+            p = _buffer(np, local, "p32", shape[0] * shape[1], np.float32).reshape(shape)
+            np.matmul(lhs[rs], rhs[:, cs], out=p)
+            finish(p, w_all, out_all, rs.start, cs.start, row_bound[rs], col_bound[cs], up[rs], down_t, factors)
 
         return tile
 
@@ -350,13 +390,21 @@ def _weight_math(info, shape: tuple, patches: list) -> bool:
     return bool(patches) and not (info.name.endswith(".bias") or len(shape) == 1)
 
 
-def _buffer(torch, local: threading.local, name: str, n: int, dtype):
-    """The first `n` elements of a flat buffer kept per worker thread (at least a tile's worth)."""
+def _buffer(lib, local: threading.local, name: str, n: int, dtype):
+    """The first `n` elements of a flat buffer kept per worker thread (at least a tile's worth): a torch tensor or,
+    with `lib` numpy, an array."""
     buf = getattr(local, name, None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, TILE_BYTES // 8), dtype=dtype)
+    if buf is None or len(buf) < n:
+        buf = lib.empty(max(n, TILE_BYTES // 8), dtype=dtype)
         setattr(local, name, buf)
     return buf[:n]
+
+
+def _single_lora(patches: list) -> bool:
+    """One plain LoRA on the weight (up @ down: no Tucker mid, DoRA magnitude, row map or full diff): the tiles."""
+    a = patches[0].adapter
+    return (len(patches) == 1 and patches[0].row_map is None and magnitude(a) is None and a.kind == "lora"
+            and "mid" not in a.tensors and "diff" not in a.tensors)
 
 
 def _tiles(rows: int, cols: int) -> list[tuple[slice, slice]]:
@@ -415,6 +463,10 @@ class TorchCompute:
         self.device = torch.device(device)
         self.name = str(self.device)
         self.cpu = NumpyCompute()
+        self.cpu.expect(None)  # torch is here already: its casts for the tensors that stay on the host
+
+    def expect(self, jobs) -> None:
+        """As `NumpyCompute.expect`: torch is imported already."""
 
     def session(self):
         return self.cpu.session()

@@ -133,7 +133,9 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     if fp8_layout and (gguf_base or quant or base.folder):
         raise OutputError(f"--fp8-layout: ComfyUI scaled fp8 is written as one safetensors file from a "
                           f"safetensors checkpoint, not from {'a folder' if base and base.folder else 'GGUF'}.")
-    compute = compute or make_compute(device)  # the CPU path's torch is imported meanwhile (compute._cpu_torch)
+    compute = compute or make_compute(device)
+    if dtype != "keep" or gguf_base or quant:  # casts, fp8 and GGUF run on torch's CPU kernels: import it meanwhile
+        compute.expect(None)
     read = [(_load_for(p, base, arch), r) for p, r in loras]
     record = {"lorabox": __version__, "dtype": dtype, "rounding": rounding, "fp8_layout": fp8_layout,
               "loras": [{"file": Path(p).name, "sha256": digests.file_sha256(Path(p)), "ratio": r} for p, r in loras],
@@ -163,6 +165,8 @@ def merge(base_path: str | os.PathLike, loras: list[tuple[str | os.PathLike, flo
     record.update(architecture=plan.architecture, layout=plan.layout, dropped=len(plan.dropped))
     report.architecture, report.layout, report.dropped = plan.architecture, plan.layout, plan.dropped
     _check_space(base, output, dtype)
+    compute.expect([(info, out_dtype(dtype, info.dtype, len(info.shape)), plan.patches.get(info.name, []))
+                    for info in base.tensors.values()])  # kept 16-bit weights with plain LoRAs need no torch
     with compute.session():
         if base.folder:
             tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))

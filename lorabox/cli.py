@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -35,12 +36,42 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, (OSError, MemoryError)):
         click.echo(f"lorabox: error: {exc}", err=True)
         sys.exit(2)
+    if isinstance(exc, Stopped):
+        click.echo(f"lorabox: stopped by {signal.Signals(exc.signum).name}; nothing was written.", err=True)
+        sys.exit(128 + exc.signum)
     if isinstance(exc, KeyboardInterrupt):
         click.echo("lorabox: interrupted; nothing was written.", err=True)
         sys.exit(130)
     click.echo(f"lorabox: internal error: {type(exc).__name__}: {exc}. Run again with --debug and report it.",
                err=True)
     sys.exit(70)
+
+
+class Stopped(BaseException):
+    """SIGTERM (a scheduler, `timeout`, `kill`) or SIGHUP (the terminal closed), raised in the main thread as Ctrl+C's
+    KeyboardInterrupt is, so that the same cleanup runs: every writer removes its temporary file. A BaseException,
+    like KeyboardInterrupt, so that no `except Exception` takes it for an error to handle."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into `Stopped` where they would end the process on the spot (their default); one
+    ignored by whoever started us (`nohup`) stays ignored. Once stopping, a repeat of either is ignored, so that the
+    cleanup is not cut short."""
+    stopping = []
+
+    def stop(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, stop)
 
 
 class _Group(click.Group):
@@ -605,9 +636,13 @@ def run() -> None:
     Tearing torch's modules down at interpreter exit takes 0.4-0.5 s here, after the work is done: every output is
     committed and every file closed by then, and the worker threads have ended. A process of a distributed run
     (`accelerate launch`) exits the usual way, leaving its process group to torch's own teardown."""
+    _stop_on_signals()
     try:
-        main()
-        code = 0
+        try:
+            main()
+            code = 0
+        except Stopped as exc:  # before or after a command ran (commands report their own, `_Group`)
+            _fail(exc)
     except SystemExit as exc:
         code = exc.code
     torch = sys.modules.get("torch")

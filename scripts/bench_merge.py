@@ -17,6 +17,7 @@ Q8_0` (or any GGUF type) a GGUF output.
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha and diffusers
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --quant Q4_K --dir /work/bench_sdxl --keep
     .venv/bin/python scripts/bench_merge.py --model sdxl --peer --check --subset 'input_blocks\.4\.'   # quick
+    .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench --keep --cold   # base not cached
 
 With --peer (SDXL), sd-mecha (scripts/peer_sdmecha_merge.py: add_difference of the LoRA converted to `sdxl-sgm`)
 merges the same LoRA into the same single file; then the base is also written as a diffusers UNet folder and both
@@ -225,14 +226,16 @@ def main():
                     "keeping its types: the base is written first, by a lorabox merge --quant")
     ap.add_argument("--device", action="append", help="lorabox merge --device (repeatable, one merge each): auto "
                     "(the default: CUDA when present), cpu, cuda")
-    ap.add_argument("--io", choices=["direct", "buffered", "direct-reads"], default="direct", help="direct (the "
-                    "default): the output written around the page cache where the filesystem allows, the base read "
-                    "through it; buffered: both through it (LORABOX_DIRECT_IO=0); direct-reads: both around it "
-                    "(LORABOX_DIRECT_READS=1)")
+    ap.add_argument("--io", choices=["direct", "mapped-reads", "buffered"], default="direct", help="direct (the "
+                    "default): the output written around the page cache where the filesystem allows, and the base "
+                    "too when it is over half the RAM; mapped-reads: the base read through memory maps "
+                    "(LORABOX_DIRECT_READS=0); buffered: both through the page cache (LORABOX_DIRECT_IO=0)")
+    ap.add_argument("--cold", action="store_true", help="drop the base from the page cache before each copy and "
+                    "each merge (posix_fadvise DONTNEED), as for a base not read since the machine started")
     args = ap.parse_args()
     if args.io == "buffered":
         os.environ["LORABOX_DIRECT_IO"] = "0"
-    os.environ["LORABOX_DIRECT_READS"] = "1" if args.io == "direct-reads" else "0"
+    os.environ["LORABOX_DIRECT_READS"] = "0" if args.io == "mapped-reads" else "1"
     d = Path(args.dir)
     made_dir = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
@@ -305,11 +308,13 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
     """`cp` + `sync` of the base, then a merge per device with the base hashed, then one more with its digest
     remembered; each ratio is to this round's copy. Returns (seconds, peak RSS GiB) of the merges."""
     out.unlink(missing_ok=True)  # the last round's output: room for the copy
+    if args.cold:
+        drop_cached(base)
     try:
         t_copy, _ = run(["sh", "-c", f"cp {base} {copy} && sync {copy}"])
     finally:
         copy.unlink(missing_ok=True)
-    print(f"plain copy (cp + sync): {t_copy:.1f} s{machine()}")
+    print(f"plain copy (cp + sync{', base dropped from the page cache' if args.cold else ''}): {t_copy:.1f} s{machine()}")
     os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base
     shutil.rmtree(d / "cache", ignore_errors=True)  # (a kept --dir remembers it from the last run)
     timings = []
@@ -320,6 +325,8 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
             device, label = devices[0], "again"
             print("again, the base's sha256 remembered from the first merge:", end=" ")
         output = (["--quant", args.quant] if args.quant else ["--dtype", args.dtype]) + shlex.split(args.merge_args)
+        if args.cold:
+            drop_cached(base)
         t_merge, rss = run([sys.executable, "-m", "lorabox", "merge", str(base), "--lora", f"{lora}:0.8", "-o",
                             str(out), "--overwrite", "--json", "--device", device, *output])
         timings.append((t_merge, rss))
@@ -328,6 +335,16 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
               f"({LAST_CPU[0]:.1f} user + {LAST_CPU[1]:.1f} system CPU-s), peak RSS {rss:.2f} GiB, "
               f"ratio to copy {t_merge / t_copy:.2f}{stages()}{machine()}")
     return timings
+
+
+def drop_cached(path: Path) -> None:
+    """Ask the kernel to drop `path`'s pages from the page cache (clean pages go; a no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_lb: float, rss_lb: float) -> None:

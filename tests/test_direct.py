@@ -148,13 +148,15 @@ def read_directly(monkeypatch):
     monkeypatch.setattr(direct, "CACHE_SHARE", 0)  # test files are far smaller than the RAM
 
 
-def test_only_files_the_page_cache_cannot_keep_are_read_directly_and_only_when_asked(monkeypatch):
+def test_only_files_the_page_cache_cannot_keep_are_read_directly(monkeypatch):
     monkeypatch.setattr(direct, "_ram", lambda: 24 << 30)
     monkeypatch.delenv("LORABOX_DIRECT_READS", raising=False)
-    assert not direct.wanted_for_reading(23 << 30)  # through the page cache by default
-    monkeypatch.setenv("LORABOX_DIRECT_READS", "1")
+    monkeypatch.delenv("LORABOX_DIRECT_IO", raising=False)
     assert not direct.wanted_for_reading(5 << 30)  # an SDXL base: the next merge finds it in memory
     assert direct.wanted_for_reading(23 << 30)  # FLUX.1: more than half the RAM
+    monkeypatch.setenv("LORABOX_DIRECT_READS", "0")
+    assert not direct.wanted_for_reading(23 << 30)  # through the page cache when asked
+    monkeypatch.setenv("LORABOX_DIRECT_READS", "1")
     monkeypatch.setenv("LORABOX_DIRECT_IO", "0")
     assert not direct.wanted_for_reading(23 << 30)
 

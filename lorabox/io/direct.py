@@ -9,8 +9,8 @@ staged in aligned buffers and written with O_DIRECT, DEPTH buffers on the disk w
 filesystems); the caller then writes through the page cache as before. The file's last block is written whole and
 the file then truncated to its exact size; durability (fsync) stays the caller's.
 
-Reads (`open_read`, `DirectReader`) go around the page cache only when asked (`LORABOX_DIRECT_READS=1`, see
-`wanted_for_reading`), and then only for files too big for it to keep.
+Reads (`open_read`, `DirectReader`) go around the page cache only for files too big for it to keep (see
+`wanted_for_reading`; `LORABOX_DIRECT_READS=0` reads every base through it).
 """
 from __future__ import annotations
 
@@ -35,15 +35,17 @@ def wanted(nbytes: int) -> bool:
 
 
 def wanted_for_reading(nbytes: int) -> bool:
-    """Whether a file of `nbytes` should be read with O_DIRECT: only when asked (`LORABOX_DIRECT_READS=1`), and then
-    only one too big for the page cache to keep for the next run (over CACHE_SHARE of the RAM; a 5 GB SDXL base on a
-    24 GiB machine is read again from memory by the next merge).
+    """Whether a file of `nbytes` should be read with O_DIRECT: one too big for the page cache to keep for the next run
+    (over CACHE_SHARE of the RAM; a 5 GB SDXL base on a 24 GiB machine is read again from memory by the next merge),
+    unless `LORABOX_DIRECT_READS=0`.
 
-    Off by default: on a virtual disk that stalls (nothing completing for 1-3 s with requests in flight), direct
-    reads of a 23.8 GB FLUX.1 base left the merge stalled 45-55 s of 136-142 s, against 11-19 s of 114-131 s with
-    mapped reads and the kernel's read-ahead (docs/benchmarks.md, eleventh session); on a steadier disk they saved
-    1-3 system CPU-s and no wall time."""
-    return os.environ.get("LORABOX_DIRECT_READS", "0") == "1" and wanted(nbytes) and nbytes > CACHE_SHARE * _ram()
+    Why: on the 2-core machines of 2026-12 (a Firecracker guest), a thread that faults a base's mapped pages in from
+    the disk is charged the wait as CPU, which the merge's two compute threads then lack. A FLUX.1 merge (23.8 GB,
+    not in the page cache) took 59-61 s hashing and 43-46 s with its digest remembered through memory maps, against
+    34-36 s and 23.6 s read directly (docs/benchmarks.md, seventeenth session). On an earlier machine whose virtual
+    disk stalled, two direct reads in flight left the merge stalled longer than mapped reads did, and one read in
+    flight 32 MB ahead (READ_DEPTH, AHEAD) ran as fast as mapped reads (eleventh session)."""
+    return os.environ.get("LORABOX_DIRECT_READS", "1") != "0" and wanted(nbytes) and nbytes > CACHE_SHARE * _ram()
 
 
 def _ram() -> int:
@@ -165,9 +167,11 @@ class DirectFile:
 
 
 # -- reads ---------------------------------------------------------------------------------------------------------
-READ_DEPTH = 2  # reads on the disk at once while the caller hashes and computes the ones before
+# one read on the disk at a time, 32 MB ahead of the one in use: as fast as two and 64 MB on a steady disk (FLUX.1,
+# 2026-12), and what kept a disk that stalls (2026-11) from stalling the merge longer than mapped reads did
+READ_DEPTH = 1  # reads on the disk at once while the caller hashes and computes the ones before
 RUN = 16 << 20  # consecutive tensors read together, in reads of at least this many bytes
-AHEAD = 64 << 20  # bytes of reads on the disk ahead of the one in use (at least one read)
+AHEAD = 32 << 20  # bytes of reads on the disk ahead of the one in use (at least one read)
 READ_KEEP = 64 << 20  # idle read buffers kept for reuse (0, 64 and 192 MB ran the same on FLUX.1)
 
 

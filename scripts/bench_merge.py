@@ -14,15 +14,16 @@ Q8_0` (or any GGUF type) a GGUF output.
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench --keep   # needs ~50 GB free
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --rounds 5   # median ratios of 5 interleaved rounds
-    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha and diffusers
+    .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --peer   # + sd-mecha, diffusers and PEFT
     .venv/bin/python scripts/bench_merge.py --model sdxl --rank 32 --quant Q4_K --dir /work/bench_sdxl --keep
     .venv/bin/python scripts/bench_merge.py --model sdxl --peer --check --subset 'input_blocks\.4\.'   # quick
     .venv/bin/python scripts/bench_merge.py --model flux1 --rank 64 --dir /work/bench --keep --cold   # base not cached
 
 With --peer (SDXL), sd-mecha (scripts/peer_sdmecha_merge.py: add_difference of the LoRA converted to `sdxl-sgm`)
-merges the same LoRA into the same single file; then the base is also written as a diffusers UNet folder and both
-lorabox and diffusers (scripts/peer_diffusers_merge.py: load_lora_weights, fuse_lora, save_pretrained) merge the
-same LoRA into it. --check compares sd-mecha's output with lorabox's (untimed). --subset REGEX keeps only the
+merges the same LoRA into the same single file; then the base is also written as a diffusers UNet folder and
+lorabox, diffusers (scripts/peer_diffusers_merge.py: load_lora_weights, fuse_lora, save_pretrained) and PEFT
+(scripts/peer_peft_merge.py: LoraModel, merge_and_unload, save_pretrained) merge the same LoRA into it, each peer's
+weights compared with lorabox's afterwards. --check compares sd-mecha's output with lorabox's (untimed). --subset REGEX keeps only the
 checkpoint keys (and LoRA modules) the regex finds, and skips the diffusers folder: a quick run for development.
 """
 from __future__ import annotations
@@ -248,7 +249,7 @@ def main():
     params = sum(int(np.prod(s)) for s, _ in keys.values())
     t = time.perf_counter()
     scratch = [copy, out, d / "pycache", d / "merged_sdmecha.safetensors", d / "unet", d / "merged_lorabox",
-               d / "merged_diffusers"]  # outputs and copies: removed at the end
+               d / "merged_diffusers", d / "merged_peft"]  # outputs and copies: removed at the end
     made = [lora, d / "cache"]  # removed too unless --keep, with the base if this run wrote it
     if not base.exists():
         write_base(base, keys)
@@ -364,15 +365,27 @@ def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_
 
 
 def peer_diffusers(d: Path, lora: Path) -> None:
-    """diffusers (scripts/peer_diffusers_merge.py) and lorabox on the base as a diffusers UNet folder."""
+    """diffusers (scripts/peer_diffusers_merge.py: fuse_lora), PEFT (scripts/peer_peft_merge.py: merge_and_unload) and
+    lorabox on the base as a diffusers UNet folder; then how far each peer's weights are from lorabox's (untimed)."""
+    from scripts.peer_sdmecha_merge import compare
+
     folder = d / "unet"
     write_diffusers_folder(folder)
     t_lb, rss_lb = run([sys.executable, "-m", "lorabox", "merge", str(folder), "--lora", f"{lora}:0.8",
                         "-o", str(d / "merged_lorabox"), "--overwrite", "--json"])
-    t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / "peer_diffusers_merge.py"), str(folder),
-                            str(lora), "0.8", str(d / "merged_diffusers")])
-    print(f"diffusers UNet folder: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), diffusers load+fuse_lora+save "
-          f"{t_peer:.1f} s ({rss_peer:.2f} GiB): ratio lorabox/diffusers {t_lb / t_peer:.2f}")
+    weights = "diffusion_pytorch_model.safetensors"
+    for name, script, what in (("diffusers", "peer_diffusers_merge.py", "load+fuse_lora+save"),
+                               ("PEFT", "peer_peft_merge.py", "LoraModel+merge_and_unload+save")):
+        out = d / f"merged_{name.lower()}"
+        t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / script), str(folder), str(lora), "0.8",
+                                str(out)])
+        print(f"diffusers UNet folder: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), {name} {what} {t_peer:.1f} s "
+              f"({rss_peer:.2f} GiB): ratio lorabox/{name} {t_lb / t_peer:.2f}")
+        r = compare(str(out / weights), str(d / "merged_lorabox" / weights))
+        print(f"{name} vs lorabox: {r['common']} common tensors, bit-identical {r['identical'] / r['elements']:.6f}, "
+              f"max abs diff {r['max_abs_diff']:.3g}, only in one: {len(r['only_sdmecha']) + len(r['only_lorabox'])}")
+        shutil.rmtree(out)
+
 
 if __name__ == "__main__":
     main()

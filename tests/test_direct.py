@@ -236,6 +236,20 @@ def test_a_merge_read_around_the_page_cache_is_the_same_file(tmp_path, monkeypat
     assert (tmp_path / "remembered.safetensors").read_bytes() == want
 
 
+def test_the_gpu_path_merges_a_base_read_around_the_page_cache_as_the_cpu_path_does(tmp_path, monkeypatch):
+    """TorchCompute (here on torch's CPU device) takes its weights from the reads' recycled buffers: the same file."""
+    from lorabox.merge.compute import TorchCompute
+
+    write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(14)))
+    lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=15, every=2, text_encoders=False), "kohya")
+    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "mapped.safetensors")
+    read_directly(monkeypatch)
+    monkeypatch.setattr(direct, "RUN", 1 << 12)  # many reads, each buffer recycled while the stream goes on
+    merge(tmp_path / "base.safetensors", [(lora, 0.8)], tmp_path / "direct.safetensors",
+          compute=TorchCompute("cpu"))
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "mapped.safetensors").read_bytes()
+
+
 def test_a_filesystem_that_refuses_direct_reads_gets_mapped_ones(tmp_path, monkeypatch):
     write_tensors(tmp_path / "base.safetensors", flux_base(np.random.default_rng(13)))
     lora = write_lora(tmp_path / "l.safetensors", random_lora("flux1", seed=14, every=3, text_encoders=False), "kohya")

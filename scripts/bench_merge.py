@@ -351,24 +351,27 @@ def drop_cached(path: Path) -> None:
 def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_lb: float, rss_lb: float) -> None:
     """sd-mecha (scripts/peer_sdmecha_merge.py) on the same single file, LoRA and ratio as the lorabox run above;
     with `lorabox_out`, its output is compared with lorabox's (after the timing)."""
-    from scripts.peer_sdmecha_merge import compare
-
     t_peer, rss_peer = run([sys.executable, str(ROOT / "scripts" / "peer_sdmecha_merge.py"), str(base), str(lora), "0.8",
                             str(out)])
     print(f"single file: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), sd-mecha add_difference+merge (float32, "
           f"fp16 out) {t_peer:.1f} s ({rss_peer:.2f} GiB): ratio lorabox/sd-mecha {t_lb / t_peer:.2f}")
     if lorabox_out is not None:
-        r = compare(str(out), str(lorabox_out))
-        print(f"sd-mecha vs lorabox: {r['common']} common tensors, bit-identical {r['identical'] / r['elements']:.6f}, "
-              f"max abs diff {r['max_abs_diff']:.3g}, only in one: {len(r['only_sdmecha']) + len(r['only_lorabox'])}")
+        agreement("sd-mecha", out, lorabox_out)
     out.unlink()
+
+
+def agreement(name: str, peer_out: Path, lorabox_out: Path) -> None:
+    """Print how far a peer's merged weights are from lorabox's (untimed)."""
+    from scripts.peer_sdmecha_merge import compare
+
+    r = compare(str(peer_out), str(lorabox_out))
+    print(f"{name} vs lorabox: {r['common']} common tensors, bit-identical {r['identical'] / r['elements']:.6f}, "
+          f"max abs diff {r['max_abs_diff']:.3g}, only in one: {len(r['only_peer']) + len(r['only_lorabox'])}")
 
 
 def peer_diffusers(d: Path, lora: Path) -> None:
     """diffusers (scripts/peer_diffusers_merge.py: fuse_lora), PEFT (scripts/peer_peft_merge.py: merge_and_unload) and
     lorabox on the base as a diffusers UNet folder; then how far each peer's weights are from lorabox's (untimed)."""
-    from scripts.peer_sdmecha_merge import compare
-
     folder = d / "unet"
     write_diffusers_folder(folder)
     t_lb, rss_lb = run([sys.executable, "-m", "lorabox", "merge", str(folder), "--lora", f"{lora}:0.8",
@@ -381,9 +384,7 @@ def peer_diffusers(d: Path, lora: Path) -> None:
                                 str(out)])
         print(f"diffusers UNet folder: lorabox merge {t_lb:.1f} s ({rss_lb:.2f} GiB), {name} {what} {t_peer:.1f} s "
               f"({rss_peer:.2f} GiB): ratio lorabox/{name} {t_lb / t_peer:.2f}")
-        r = compare(str(out / weights), str(d / "merged_lorabox" / weights))
-        print(f"{name} vs lorabox: {r['common']} common tensors, bit-identical {r['identical'] / r['elements']:.6f}, "
-              f"max abs diff {r['max_abs_diff']:.3g}, only in one: {len(r['only_sdmecha']) + len(r['only_lorabox'])}")
+        agreement(name, out / weights, d / "merged_lorabox" / weights)
         shutil.rmtree(out)
 
 

@@ -42,11 +42,12 @@ def merge(base: str, lora: str, ratio: float, out: str, merge_dtype: torch.dtype
                    strict_mandatory_keys=False, output=out)
 
 
-def compare(sdmecha_out: str, lorabox_out: str) -> dict:
-    """Elementwise agreement of two checkpoints over their common keys (read one tensor at a time)."""
+def compare(peer_out: str, lorabox_out: str) -> dict:
+    """Elementwise agreement of a peer's checkpoint (sd-mecha's, diffusers', PEFT's) with lorabox's over their common
+    keys (read one tensor at a time)."""
     from safetensors import safe_open
 
-    with safe_open(sdmecha_out, "pt") as a, safe_open(lorabox_out, "pt") as b:
+    with safe_open(peer_out, "pt") as a, safe_open(lorabox_out, "pt") as b:
         ka, kb = set(a.keys()), set(b.keys())
         worst, same, total, dtypes = 0.0, 0, 0, set()
         for key in sorted(ka & kb):
@@ -58,7 +59,7 @@ def compare(sdmecha_out: str, lorabox_out: str) -> dict:
                 else int((x == y).sum())
             worst = max(worst, float((x.double() - y.double()).abs().max()))
             total += x.numel()
-    return {"common": len(ka & kb), "only_sdmecha": sorted(ka - kb), "only_lorabox": sorted(kb - ka),
+    return {"common": len(ka & kb), "only_peer": sorted(ka - kb), "only_lorabox": sorted(kb - ka),
             "max_abs_diff": worst, "identical": same, "elements": total, "dtypes": sorted(dtypes)}
 
 
@@ -80,8 +81,8 @@ def main():
         how = args.merge_dtype + (", ratio tensor" if args.ratio_tensor else "")
         print(f"sd-mecha ({how}) vs lorabox: {r['common']} common tensors, {r['elements']} elements, "
               f"bit-identical {r['identical'] / max(1, r['elements']):.6f} ({r['elements'] - r['identical']} differ), "
-              f"max abs diff {r['max_abs_diff']:.3g}; dtypes {r['dtypes']}; only in sd-mecha {r['only_sdmecha'][:5]} "
-              f"({len(r['only_sdmecha'])}), only in lorabox {r['only_lorabox'][:5]} ({len(r['only_lorabox'])})")
+              f"max abs diff {r['max_abs_diff']:.3g}; dtypes {r['dtypes']}; only in sd-mecha {r['only_peer'][:5]} "
+              f"({len(r['only_peer'])}), only in lorabox {r['only_lorabox'][:5]} ({len(r['only_lorabox'])})")
 
 
 if __name__ == "__main__":

@@ -167,11 +167,10 @@ class DirectFile:
 
 
 # -- reads ---------------------------------------------------------------------------------------------------------
-# one read on the disk at a time, 32 MB ahead of the one in use: as fast as two and 64 MB on a steady disk (FLUX.1,
-# 2026-12), and what kept a disk that stalls (2026-11) from stalling the merge longer than mapped reads did
 READ_DEPTH = 1  # reads on the disk at once while the caller hashes and computes the ones before
 RUN = 16 << 20  # consecutive tensors read together, in reads of at least this many bytes
-AHEAD = 32 << 20  # bytes of reads on the disk ahead of the one in use (at least one read)
+AHEAD = 32 << 20  # bytes of reads on the disk ahead of the one in use (at least one read); why 1 and 32 MB:
+# `wanted_for_reading`
 READ_KEEP = 64 << 20  # idle read buffers kept for reuse (0, 64 and 192 MB ran the same on FLUX.1)
 
 

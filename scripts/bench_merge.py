@@ -361,10 +361,14 @@ def peer_sdmecha(base: Path, lora: Path, lorabox_out: Path | None, out: Path, t_
 
 
 def agreement(name: str, peer_out: Path, lorabox_out: Path) -> None:
-    """Print how far a peer's merged weights are from lorabox's (untimed)."""
-    from scripts.peer_sdmecha_merge import compare
-
-    r = compare(str(peer_out), str(lorabox_out))
+    """Print how far a peer's merged weights are from lorabox's (untimed). The comparison maps both files, so it runs
+    in a process of its own: on Linux a child's peak RSS (`run`, `wait4`) starts from its parent's peak at the fork,
+    and a comparison in this process had raised the peaks reported for every merge after it to 10 GiB."""
+    code = ("import json, sys; from scripts.peer_sdmecha_merge import compare; "
+            "print(json.dumps(compare(sys.argv[1], sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, str(peer_out), str(lorabox_out)], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    r = json.loads(done.stdout.splitlines()[-1])
     print(f"{name} vs lorabox: {r['common']} common tensors, bit-identical {r['identical'] / r['elements']:.6f}, "
           f"max abs diff {r['max_abs_diff']:.3g}, only in one: {len(r['only_peer']) + len(r['only_lorabox'])}")
 

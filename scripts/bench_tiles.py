@@ -1,13 +1,15 @@
 r"""Tile shapes of the CPU path's torch kernels (`lorabox/merge/compute.py`: TILE_BYTES, TILE_COLS), on both cores.
 
 Merges FLUX.1- or SDXL-shaped weights (one LoRA each, bf16 factors, ratio 0.8) through `NumpyCompute.process` with
-each tile setting and each kind of tile in turn (`--kinds`: float32 products with a proof per element, where numba
-is installed, and float64 ones, `LORABOX_CERTIFY`), repeated and interleaved, and prints the best wall and CPU time
-per element of each:
+each tile setting and each kind of tile in turn (`--kinds`: `certified`, float32 products with a proof per element,
+where numba is installed; `bf16` and `fma`, the same in one compiled loop with bfloat16 pair products on AVX512_BF16
+or FMAs, `lorabox/merge/_bf16_tiles.py`, FLUX.1 only; `float64`, `LORABOX_CERTIFY=0`), repeated and interleaved, and
+prints the best wall and CPU time per element of each:
 
     .venv/bin/python scripts/bench_tiles.py --model flux1 --rank 64
     .venv/bin/python scripts/bench_tiles.py --model sdxl --rank 32 --tiles 4096:2,4096:4,4096:8,2048:4
     .venv/bin/python scripts/bench_tiles.py --model flux1 --rank 64 --tiles 4096:4 --kinds certified,float64
+    .venv/bin/python scripts/bench_tiles.py --model flux1 --rank 64 --tiles 4096:4,4096:8 --kinds certified,bf16,fma
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--tiles", default="4096:2,4096:4,4096:8,1024:4,512:4",
                     help="COLS:MB settings, comma-separated (at most COLS wide, about MB of float64 each)")
-    ap.add_argument("--kinds", default="certified", help="certified, float64 or both, comma-separated")
+    ap.add_argument("--kinds", default="certified", help="certified, bf16, fma, float64, comma-separated")
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="compute threads (default: the CPUs)")
     args = ap.parse_args()
@@ -62,7 +64,8 @@ def main() -> None:
             for _ in range(args.repeat):
                 for kind, (cols, mb) in ((k, s) for k in kinds for s in settings):
                     compute.TILE_COLS, compute.TILE_BYTES = cols, mb << 20
-                    c.certify = kind == "certified"
+                    c.certify = kind != "float64"
+                    c.bf16_dot = kind if kind in ("bf16", "fma") else None
                     for w, patches in cases:  # warm: buffers of this size
                         c.process(info, w, patches, dtype)
                     t, cpu = time.perf_counter(), time.process_time()

@@ -154,3 +154,21 @@ def finish_bf16(p, w_all, out_all, r0, c0, rows, cols, up, down_t, factors):
 @njit(nogil=True, error_model="numpy", boundscheck=False, cache=True)
 def finish_f16(p, w_all, out_all, r0, c0, rows, cols, up, down_t, factors):
     return _finish(p, w_all, out_all, r0, c0, rows, cols, up, down_t, factors, 1)
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, cache=True)
+def repair_bf16(masks, w_all, out_all, r0, c0, up, down_t, factors):
+    """The flagged elements of one tile of `_bf16_tiles` (bit b of masks[i, q]: row r0+i, column c0+16q+b), computed
+    again by the definition. Returns how many."""
+    k = up.shape[1]
+    repaired = 0
+    for i in range(masks.shape[0]):
+        for q in range(masks.shape[1]):
+            m = masks[i, q]
+            if m:
+                for b in range(16):
+                    if (m >> b) & 1:
+                        j = c0 + 16 * q + b
+                        out_all[r0 + i, j] = _exact(w_all[r0 + i, j], up[i], down_t[j], factors, k, 0)
+                        repaired += 1
+    return repaired

@@ -22,6 +22,7 @@ once; numba caches it on disk after that).
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -68,3 +69,45 @@ def _compile(half: int):
     except Exception:  # noqa: BLE001 -- any failure means: use the float64 path
         return None
     return fn
+
+
+def bf16_dot() -> str | None:
+    """How `_bf16_tiles` forms its products here: "bf16" (AVX512_BF16) where the CPU has it, else None (the float32
+    GEMM). LORABOX_BF16_TILES=0 turns the fused tiles off, =fma forces the FMA twin (the benchmarks' A/B)."""
+    setting = os.environ.get("LORABOX_BF16_TILES", "auto")
+    if setting == "0":
+        return None
+    if setting in ("bf16", "fma"):
+        return setting
+    from . import _bf16_tiles
+
+    return "bf16" if _bf16_tiles.has_avx512_bf16() else None
+
+
+def bf16_tiles(dot: str):
+    """(tile kernel, repair pass) of `_bf16_tiles` with products formed by `dot`, or None where numba or llvmlite
+    cannot compile them here."""
+    with _lock:
+        key = ("bf16_tiles", dot)
+        if key not in _kernels:
+            _kernels[key] = _compile_bf16_tiles(dot)
+    return _kernels[key]
+
+
+def _compile_bf16_tiles(dot: str):
+    try:
+        from . import _bf16_tiles
+        from . import _certified_numba as impl
+    except ImportError:
+        return None
+    fn = _bf16_tiles.kernel(dot)
+    if fn is None:
+        return None
+    try:  # compile the repair pass now, on a tiny tile
+        w = np.zeros((1, 16), np.uint16)
+        w.flags.writeable = False
+        impl.repair_bf16(np.ones((1, 1), np.uint16), w, np.zeros((1, 16), np.uint16), 0, 0, np.zeros((1, 1)),
+                         np.zeros((16, 1)), np.ones(1))
+    except Exception:  # noqa: BLE001 -- any failure means: use the float32 GEMM
+        return None
+    return fn, impl.repair_bf16

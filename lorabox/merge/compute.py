@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import OutputError
 from ..parallel import BufferPool, cpus, run_chunks
 from ..tensor import Tensor, storage_dtype
-from . import certified
+from . import _bf16_tiles, certified
 from .math import DeltaCache, apply_bias, apply_weight_block, delta_rows, magnitude, multipliers
 
 FP8 = ("F8_E4M3", "F8_E5M2")
@@ -31,6 +31,10 @@ FUSED = ("BF16", "F16")  # outputs (besides fp8) whose tiles may fold the multip
 BLOCK_BYTES = 2 << 20  # float64 working set of one row block: cache-sized (measured best on 2 cores)
 TILE_BYTES = 4 << 20  # float64 tile of the torch kernels (`_tiles`)
 TILE_COLS = 4096
+# the compute workers' niceness above the process's: the thread that reads and hashes the base (a sha256 on one
+# core, the first merge's slowest serial step) keeps its core when the workers want both (docs/benchmarks.md,
+# eighteenth session); LORABOX_COMPUTE_NICE overrides
+COMPUTE_NICE = 10
 FP8_STEP = 1 << 22  # elements per device step of the stochastic fp8 rounding (even; temporaries of 32-128 MB)
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -147,6 +151,8 @@ class NumpyCompute:
         # float32 products with a proof per element for 16-bit outputs, where numba is installed (`certified`);
         # LORABOX_CERTIFY=0 keeps every tile in float64 (the benchmarks' A/B)
         self.certify = os.environ.get("LORABOX_CERTIFY", "1") != "0" if certify is None else certify
+        # bfloat16 weights with bfloat16 factors: products, proof and rounding in one compiled loop (`_bf16_tiles`)
+        self.bf16_dot = certified.bf16_dot() if self.certify else None
         self.buffers = BufferPool()
         self.pool = None  # worker threads, during a session
         self._tile_buffers = threading.local()  # one float64 tile buffer per worker thread
@@ -170,7 +176,14 @@ class NumpyCompute:
         """Before a merge: `jobs`, the (TensorInfo, output dtype, patches) of each tensor to come, or None when they
         are not known. torch's import starts (on its own thread) if some tensor will run on its kernels; if none
         will, this merge does without it (a tensor whose need was not foreseen would take the numpy path: the
-        definition's bytes, slower)."""
+        definition's bytes, slower). The compiled loop of `_bf16_tile` (0.3 s of LLVM) starts compiling too, on its
+        own thread, where some bfloat16 weight will take it."""
+        if self.bf16_dot and jobs is not None and any(
+                patches and info.dtype == dtype == "BF16" and len(info.shape) > 1 and _single_lora(patches)
+                for info, dtype, patches in jobs):
+            ex = ThreadPoolExecutor(1, thread_name_prefix="lorabox-compile")
+            ex.submit(certified.bf16_tiles, self.bf16_dot)
+            ex.shutdown(wait=False)
         if self.kernels != "auto" or self._torch not in (_LATER, None) or not _torch_installed():
             return
         uses = jobs is None or any(self._uses_torch(*job) for job in jobs)
@@ -197,7 +210,9 @@ class NumpyCompute:
         torch's MKL) on one thread. Tiles are already spread over the cores; BLAS threads on top oversubscribe them,
         and their spinning runs the products several times slower on a busy 2-core machine (measured: 2.2 s instead
         of 0.33 s of CPU for one 3072x12288 rank-64 weight with OpenBLAS; 6.1 instead of 4.1 CPU-s for 300 SDXL
-        weights with MKL, whose OpenMP thread count is set per thread, so each worker sets its own)."""
+        weights with MKL, whose OpenMP thread count is set per thread, so each worker sets its own). The workers
+        run COMPUTE_NICE nicer than the rest, so that the reading, hashing and writing threads are never queued
+        behind them."""
         from threadpoolctl import threadpool_limits
 
         torch = self.torch  # waits for the import, so that threadpoolctl finds torch's BLAS loaded
@@ -206,10 +221,19 @@ class NumpyCompute:
         if torch is not None:
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(1)
+        nice = int(os.environ.get("LORABOX_COMPUTE_NICE", str(COMPUTE_NICE)))
+
+        def setup():
+            if torch is not None:
+                torch.set_num_threads(1)
+            if nice:  # Linux: a thread's own niceness (raising it needs no privilege)
+                with contextlib.suppress(OSError, AttributeError):
+                    tid = threading.get_native_id()
+                    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
         if self.threads > 1:
             self.pool = stack.enter_context(ThreadPoolExecutor(
-                self.threads, thread_name_prefix="lorabox-compute",
-                initializer=None if torch is None else lambda: torch.set_num_threads(1)))
+                self.threads, thread_name_prefix="lorabox-compute", initializer=setup))
             stack.callback(setattr, self, "pool", None)
         return stack
 
@@ -266,7 +290,8 @@ class NumpyCompute:
         floats = t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS
         torch = self.torch if simple and finish is None and floats else None
         if finish is not None or torch is not None:
-            tile = (self._certified_tile(t, a, p.ratio, cache, out, finish) if finish is not None
+            tile = ((self._bf16_tile(t, a, p.ratio, cache, out, finish) or
+                     self._certified_tile(t, a, p.ratio, cache, out, finish)) if finish is not None
                     else self._lora_tile(t, a, p.ratio, cache, out, dtype, fused))
             run_chunks(tile, _tiles(rows, int(np.prod(t.shape[1:]))), self.threads, self.pool)
             return out
@@ -349,6 +374,54 @@ class NumpyCompute:
             p = _buffer(np, local, "p32", shape[0] * shape[1], np.float32).reshape(shape)
             np.matmul(lhs[rs], rhs[:, cs], out=p)
             finish(p, w_all, out_all, rs.start, cs.start, row_bound[rs], col_bound[cs], up[rs], down_t, factors)
+
+        return tile
+
+    def _bf16_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, finish):
+        """The certified tiles in one compiled loop (`_bf16_tiles`) for a bfloat16 weight with bfloat16 `up` and
+        `down` written as bfloat16: no float32 product in memory, products twice as fast on AVX512_BF16. None where
+        that does not apply (other types, a denormal factor, no kernel here). Columns past the last multiple of 16
+        take `_certified_tile`; the flagged elements are repaired in float64 as there."""
+        up_t, down_t16 = a.tensors["up"], a.tensors["down"]
+        if not (self.bf16_dot and t.dtype == "BF16" and up_t.dtype == "BF16" and down_t16.dtype == "BF16"):
+            return None
+        rows = t.shape[0]
+        up_bits, down_bits = up_t.array.reshape(rows, -1), down_t16.array.reshape(down_t16.shape[0], -1)
+        compiled = certified.bf16_tiles(self.bf16_dot)
+        if compiled is None or not _bf16_tiles.usable(up_bits, down_bits):
+            return None
+        fn, repair = compiled
+        down = cache.down(a)
+        up = np.array(up_t.values().reshape(rows, -1), dtype=np.float64)  # the repairs read it
+        factors = multipliers(a.scale, ratio)
+        s = math.prod(factors)
+        row_bound, col_bound = certified.bounds(up * s, down)
+        packed_up, packed_down = _bf16_tiles.pack_up(up_bits), _bf16_tiles.pack_down(down_bits)
+        k_pairs, ldd = packed_up.shape[1], packed_down.shape[1]
+        tiny = _bf16_tiles.tiny(s, down.shape[0])
+        down_t = np.ascontiguousarray(down.T)
+        factors = np.array(factors, dtype=np.float64)
+        w_all = t.array.reshape(rows, -1).view(np.uint16)
+        w_all.flags.writeable = False
+        out_all = out.reshape(rows, -1).view(np.uint16)
+        cols = w_all.shape[1]
+        tail = self._certified_tile(t, a, ratio, cache, out, finish) if cols % 16 else None
+        local = self._tile_buffers
+
+        def tile(rc: tuple[slice, slice]) -> None:
+            rs, cs = rc
+            n_rows, width = rs.stop - rs.start, (cs.stop - cs.start) // 16 * 16
+            if width:
+                masks = _buffer(np, local, "masks", n_rows * width // 16, np.uint16).reshape(n_rows, width // 16)
+                at = rs.start * cols + cs.start
+                fn(packed_up[rs].ctypes.data, k_pairs, packed_down[:, cs.start:].ctypes.data, ldd,
+                   w_all.ctypes.data + 2 * at, cols, out_all.ctypes.data + 2 * at, cols, masks.ctypes.data,
+                   width // 16, row_bound[rs].ctypes.data, col_bound[cs].ctypes.data, np.float32(s), tiny,
+                   n_rows, width)
+                if masks.any():
+                    repair(masks, w_all, out_all, rs.start, cs.start, up[rs], down_t, factors)
+            if width < cs.stop - cs.start:
+                tail((rs, slice(cs.start + width, cs.stop)))
 
         return tile
 

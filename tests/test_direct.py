@@ -6,6 +6,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import struct
 
@@ -170,6 +171,33 @@ def test_the_reader_returns_any_byte_range_and_refuses_one_past_the_end(tmp_path
     futures = [reader.submit(a, b) for a, b in ranges]  # in flight together
     for (a, b), f in zip(ranges, futures):
         assert f.result().tobytes() == data[a:b].tobytes()
+    with pytest.raises(EOFError):
+        reader.submit(10, len(data) + 1).result()
+    reader.close()
+
+
+def test_the_reader_copies_what_the_page_cache_holds_and_reads_the_rest_directly(tmp_path):
+    """A base partly in memory (left by a copy or a download) is read from there up to its first absent page, and from
+    the disk past it; asking which pages are there reads none in, and nor do the direct reads. (Whole MiB: the page
+    cache holds a file in folios of up to a few MiB, and drops only whole ones.)"""
+    mib, page = 1 << 20, mmap.PAGESIZE
+    data = np.random.default_rng(7).integers(0, 256, 16 * mib + 123, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # clean pages can be dropped
+    os.posix_fadvise(fd, 4 * mib, 4 * mib, os.POSIX_FADV_DONTNEED)  # MiB 4-7 leave the cache
+    os.close(fd)
+    resident = direct.Residency.of(path)
+    assert resident.prefix(0, 16 * mib) == 4 * mib
+    assert resident.prefix(4 * mib, 4 * mib) == 0
+    assert resident.prefix(8 * mib, 8 * mib + 123) == 8 * mib + page  # the last, partial page counts whole
+    reader = direct.DirectReader(direct.open_read(path), BufferPool(small=0), resident=resident)
+    assert reader.submit(5, len(data)).result().tobytes() == data[5:].tobytes()
+    assert reader.from_cache == 4 * mib  # MiB 0-3; the rest from the disk
+    assert reader.submit(8 * mib + 7, len(data)).result().tobytes() == data[8 * mib + 7:].tobytes()
+    assert reader.from_cache == 4 * mib + len(data) - 8 * mib  # all from the cache, to the file's end
+    assert resident.prefix(4 * mib, 4 * mib) == 0  # still not in the cache
     with pytest.raises(EOFError):
         reader.submit(10, len(data) + 1).result()
     reader.close()

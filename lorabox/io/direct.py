@@ -14,7 +14,9 @@ Reads (`open_read`, `DirectReader`) go around the page cache only for files too 
 """
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -180,7 +182,7 @@ def open_reader(path: str | os.PathLike, size: int) -> DirectReader | None:
     from ..parallel import BufferPool
 
     fd = open_read(path) if wanted_for_reading(size) else None
-    return None if fd is None else DirectReader(fd, BufferPool(keep=READ_KEEP))
+    return None if fd is None else DirectReader(fd, BufferPool(keep=READ_KEEP), resident=Residency.of(path))
 
 
 def open_read(path: str | os.PathLike) -> int | None:
@@ -196,9 +198,10 @@ class DirectReader:
     direct). Each range lands in an aligned buffer of `pool` (`parallel.BufferPool`), which hands it out again once
     nothing holds a view of it, so the pages are not zeroed again either. `fd` is owned: `close` closes it."""
 
-    def __init__(self, fd: int, pool, depth: int = READ_DEPTH):
-        self._fd, self._pool = fd, pool
+    def __init__(self, fd: int, pool, depth: int = READ_DEPTH, resident: Residency | None = None):
+        self._fd, self._pool, self._resident = fd, pool, resident
         self._ex = ThreadPoolExecutor(depth, thread_name_prefix="lorabox-direct-read")
+        self.from_cache = 0  # bytes copied from the page cache rather than read from the disk
 
     def submit(self, start: int, end: int) -> Future:
         """Start reading bytes [start, end); the future's result is a uint8 array of them. A file shorter than
@@ -221,13 +224,14 @@ class DirectReader:
             yield pending.pop(0).result()
 
     def _read(self, buf: np.ndarray, lo: int, start: int, end: int) -> np.ndarray:
-        view, got = memoryview(buf), 0
-        while lo + got < end:
-            want = min(len(view) - got, 1 << 30)  # Linux moves at most 2 GB per call
-            n = os.preadv(self._fd, [view[got:got + want]], lo + got)
-            got += n
-            if n < want:  # the end of the file
-                break
+        """The aligned range from `lo` into `buf`: the part at its start that the page cache holds copied from there
+        (`Residency`), the rest read around it."""
+        view = memoryview(buf)
+        cached = min(self._resident.prefix(lo, len(view)), len(view)) if self._resident is not None else 0
+        got = _fill(self._resident.fd, view[:cached], lo) if cached else 0
+        self.from_cache += got
+        if got == cached:  # else the file ended
+            got += _fill(self._fd, view[got:], lo + got)
         if lo + got < end:
             raise EOFError(f"the file ends at byte {lo + got}, before byte {end}")
         return buf[start - lo:end - lo]
@@ -238,6 +242,68 @@ class DirectReader:
         self._ex.shutdown(wait=True, cancel_futures=True)
         os.close(self._fd)
         self._fd = -1
+        if self._resident is not None:
+            self._resident.close()
+
+
+def _fill(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` from `offset`: how many bytes, fewer only at the end of the file."""
+    got = 0
+    while got < len(view):
+        want = min(len(view) - got, 1 << 30)  # Linux moves at most 2 GB per call
+        n = os.preadv(fd, [view[got:got + want]], offset + got)
+        got += n
+        if n < want:  # the end of the file (an O_DIRECT read cannot go on from an unaligned offset anyway)
+            break
+    return got
+
+
+class Residency:
+    """Which stretches of a file the page cache already holds, asked with mincore(2) on a read-only map of it that is
+    never touched (so asking reads nothing), and a buffered descriptor to copy them from.
+
+    A base that a copy, a download or an earlier run left partly in memory is then read from there, and only the rest
+    from the disk: a direct read of pages the cache holds would wait for the disk for nothing. Linux reports the page
+    cache this way only to a process that could write the file (its owner, say); otherwise every page reads as absent
+    and everything is read directly, as without this. The buffered descriptor reads without read-ahead
+    (POSIX_FADV_RANDOM): a page evicted since it was asked about costs one small read, not the file's next
+    megabytes in the cache."""
+
+    def __init__(self, fd: int, mapping, libc):
+        self.fd, self._map, self._libc = fd, mapping, libc
+        self._address = np.frombuffer(mapping, np.uint8, count=1).ctypes.data  # (the array, and its hold, go now)
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> Residency | None:
+        """None where the file cannot be mapped or mincore is not there (not Linux): read everything directly."""
+        fd = -1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, AttributeError, ValueError):
+            if fd >= 0:
+                os.close(fd)
+            return None
+        return cls(fd, mapping, libc)
+
+    def prefix(self, offset: int, length: int) -> int:
+        """How many bytes from `offset` (page-aligned) the page cache holds without a gap, in whole pages, at most
+        `length` rounded up to a page."""
+        length = min(length, len(self._map) - offset)
+        if length <= 0 or offset % mmap.PAGESIZE:
+            return 0
+        vec = np.empty(-(-length // mmap.PAGESIZE), np.uint8)
+        if self._libc.mincore(self._address + offset, length, vec.ctypes.data) != 0:
+            return 0
+        absent = np.flatnonzero((vec & 1) == 0)
+        return (len(vec) if absent.size == 0 else int(absent[0])) * mmap.PAGESIZE
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
 
 
 def read_runs(reader: DirectReader, items: list, size: int, path, hasher=None):

@@ -282,7 +282,9 @@ def merge_cmd(base, loras, ratio, output, dtype, quant, rounding, block_ratios, 
         return
     click.echo(f"{base} ({report.architecture}, {report.layout} layout) + {len(specs)} LoRA(s) -> {report.output}: "
                f"{report.merged} of {report.tensors} tensors changed on {report.device}, {report.seconds:.1f} s "
-               f"({', '.join(f'{k} {v:.1f} s' for k, v in report.stages.items())})")
+               f"({', '.join(f'{k} {v:.1f} s' for k, v in report.stages.items())}"
+               + (f"; {report.base_from_page_cache / 1e9:.1f} GB of the base from the page cache"
+                  if report.base_from_page_cache else "") + ")")
     if report.dropped:
         click.echo(f"dropped {len(report.dropped)} adapter(s) that land nowhere: {', '.join(report.dropped[:10])}",
                    err=True)

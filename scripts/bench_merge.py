@@ -201,7 +201,9 @@ def stages() -> str:
         report = json.loads(LAST_STDOUT)
     except ValueError:
         return ""
-    return "; " + ", ".join(f"{k} {v:.1f} s" for k, v in report.get("stages", {}).items())
+    cached = report.get("base_from_page_cache", 0)
+    return ("; " + ", ".join(f"{k} {v:.1f} s" for k, v in report.get("stages", {}).items())
+            + (f", {cached / 1e9:.1f} GB of the base from the page cache" if cached else ""))
 
 
 def main():

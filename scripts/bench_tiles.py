@@ -3,7 +3,7 @@ r"""Tile shapes of the CPU path's torch kernels (`lorabox/merge/compute.py`: TIL
 Merges FLUX.1- or SDXL-shaped weights (one LoRA each, bf16 factors, ratio 0.8) through `NumpyCompute.process` with
 each tile setting and each kind of tile in turn (`--kinds`: `certified`, float32 products with a proof per element,
 where numba is installed; `bf16` and `fma`, the same in one compiled loop with bfloat16 pair products on AVX512_BF16
-or FMAs, `lorabox/merge/_bf16_tiles.py`, FLUX.1 only; `float64`, `LORABOX_CERTIFY=0`), repeated and interleaved, and
+or FMAs, `lorabox/merge/_bf16_tiles.py`; `float64`, `LORABOX_CERTIFY=0`), repeated and interleaved, and
 prints the best wall and CPU time per element of each:
 
     .venv/bin/python scripts/bench_tiles.py --model flux1 --rank 64

@@ -143,10 +143,14 @@ def test_a_disk_error_while_opening_leaves_no_file(tmp_path, monkeypatch):
 
 
 # -- reads ---------------------------------------------------------------------------------------------------------
-def read_directly(monkeypatch):
+def read_directly(monkeypatch, page_cache=False):
+    """Bases read around the page cache. The test files were just written, so the page cache holds them whole:
+    unless `page_cache`, nothing is copied from there (`direct.Residency`), and every byte is read with O_DIRECT."""
     monkeypatch.setenv("LORABOX_DIRECT_READS", "1")
     monkeypatch.setattr(direct, "DIRECT_MIN", 0)
     monkeypatch.setattr(direct, "CACHE_SHARE", 0)  # test files are far smaller than the RAM
+    if not page_cache:
+        monkeypatch.setattr(direct.Residency, "of", classmethod(lambda cls, path: None))
 
 
 def test_only_files_the_page_cache_cannot_keep_are_read_directly(monkeypatch):
@@ -194,9 +198,9 @@ def test_the_reader_copies_what_the_page_cache_holds_and_reads_the_rest_directly
     assert resident.prefix(8 * mib, 8 * mib + 123) == 8 * mib + page  # the last, partial page counts whole
     reader = direct.DirectReader(direct.open_read(path), BufferPool(small=0), resident=resident)
     assert reader.submit(5, len(data)).result().tobytes() == data[5:].tobytes()
-    assert reader.from_cache == 4 * mib  # MiB 0-3; the rest from the disk
+    assert reader.from_cache == 4 * mib - 5  # MiB 0-3 (of the bytes asked for); the rest from the disk
     assert reader.submit(8 * mib + 7, len(data)).result().tobytes() == data[8 * mib + 7:].tobytes()
-    assert reader.from_cache == 4 * mib + len(data) - 8 * mib  # all from the cache, to the file's end
+    assert reader.from_cache == 4 * mib - 5 + len(data) - (8 * mib + 7)  # all from the cache, to the file's end
     assert resident.prefix(4 * mib, 4 * mib) == 0  # still not in the cache
     with pytest.raises(EOFError):
         reader.submit(10, len(data) + 1).result()
@@ -262,6 +266,31 @@ def test_a_merge_read_around_the_page_cache_is_the_same_file(tmp_path, monkeypat
     assert _recorded(tmp_path / "mapped.safetensors") == hashlib.sha256(base.read_bytes()).hexdigest()
     assert (tmp_path / "hashed.safetensors").read_bytes() == want
     assert (tmp_path / "remembered.safetensors").read_bytes() == want
+
+
+def test_a_merge_copies_the_part_of_the_base_the_page_cache_holds(tmp_path, monkeypatch):
+    """A base whose MiB 2-3 the page cache no longer holds: those are read from the disk, the rest copied from memory
+    (the report says how much: all but those, give or take the run that meets them), and the output is the mapped
+    merge's."""
+    from tests.test_merge_gguf import _lora
+
+    monkeypatch.setattr(digests, "CACHE_MIN_BYTES", 0)
+    base = tmp_path / "base.safetensors"
+    write_tensors(base, flux_base(np.random.default_rng(16), "BF16", n_in=1024))
+    _, lora = _lora(tmp_path, n_in=1024)
+    merge(base, [(lora, 0.8)], tmp_path / "mapped.safetensors")
+    digests.cache_file().unlink()
+    fd = os.open(base, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 2 << 20, 2 << 20, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    read_directly(monkeypatch, page_cache=True)
+    monkeypatch.setattr(direct, "RUN", 1 << 16)
+    report = merge(base, [(lora, 0.8)], tmp_path / "direct.safetensors")
+    absent = base.stat().st_size - (2 << 20)
+    assert absent - direct.RUN - direct.ALIGN <= report.base_from_page_cache <= absent + direct.ALIGN
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "mapped.safetensors").read_bytes()
+    assert _recorded(tmp_path / "direct.safetensors") == hashlib.sha256(base.read_bytes()).hexdigest()
 
 
 def test_the_gpu_path_merges_a_base_read_around_the_page_cache_as_the_cpu_path_does(tmp_path, monkeypatch):

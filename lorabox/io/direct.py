@@ -201,7 +201,7 @@ class DirectReader:
     def __init__(self, fd: int, pool, depth: int = READ_DEPTH, resident: Residency | None = None):
         self._fd, self._pool, self._resident = fd, pool, resident
         self._ex = ThreadPoolExecutor(depth, thread_name_prefix="lorabox-direct-read")
-        self.from_cache = 0  # bytes copied from the page cache rather than read from the disk
+        self.from_cache = 0  # bytes asked for that were copied from the page cache rather than read from the disk
 
     def submit(self, start: int, end: int) -> Future:
         """Start reading bytes [start, end); the future's result is a uint8 array of them. A file shorter than
@@ -229,7 +229,7 @@ class DirectReader:
         view = memoryview(buf)
         cached = min(self._resident.prefix(lo, len(view)), len(view)) if self._resident is not None else 0
         got = _fill(self._resident.fd, view[:cached], lo) if cached else 0
-        self.from_cache += got
+        self.from_cache += max(0, min(lo + got, end) - start)  # of the bytes asked for
         if got == cached:  # else the file ended
             got += _fill(self._fd, view[got:], lo + got)
         if lo + got < end:

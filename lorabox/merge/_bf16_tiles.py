@@ -1,20 +1,23 @@
-"""The certified tiles for a bfloat16 weight and a bfloat16 LoRA, in one compiled loop: products, proof and rounding.
+"""The certified tiles for a bfloat16 LoRA on a bfloat16 or float16 weight kept in its type, in one compiled loop:
+products, proof and rounding.
 
-`certified` proves each element of W + ratio*scale*(up@down) from a float32 product. Where the base, `up` and `down`
-are all bfloat16 the products need no float32 GEMM: x86's AVX512_BF16 multiplies bfloat16 pairs exactly and adds
-them in float32 (`vdpbf16ps`: round to nearest even, denormals in and out flushed to zero), 32 products per
-instruction, twice what a float32 FMA does. This module writes that loop as LLVM IR, compiled here by llvmlite
-(numba's own LLVM, already installed), for the host CPU:
+`certified` proves each element of W + ratio*scale*(up@down) from a float32 product. Where `up` and `down` are
+bfloat16 the products need no float32 GEMM: x86's AVX512_BF16 multiplies bfloat16 pairs exactly and adds them in
+float32 (`vdpbf16ps`: round to nearest even, denormals in and out flushed to zero), 32 products per instruction,
+twice what a float32 FMA does. This module writes that loop as LLVM IR, compiled here by llvmlite (numba's own LLVM,
+already installed), for the host CPU, once per weight format (`lorabox_tiles_BF16`, `lorabox_tiles_F16`):
 
 - the products of a 6-row by 64-column block stay in 24 vector registers while the `up` pairs of its rows are
-  broadcast against the pair-interleaved `down` (`pack_down`), all ranks unrolled;
+  broadcast against the pair-interleaved `down` (`pack_down`), one pair of ranks per loop step;
 - then, still in registers, the epilogue of `certified`'s pass: times ratio*scale, plus W, the bound, both
   roundings, the output bits and one flag bit per element (16 per mask word);
-- the flagged elements (the same rare few) are repaired afterwards in float64 by `_certified_numba.repair_bf16`.
+- the flagged elements (the same rare few) are repaired afterwards in float64 by `_certified_numba.repair_bf16`
+  (`repair_f16`).
 
 No float32 product tile goes through memory, and W and the output are touched once. Where the CPU lacks
-AVX512_BF16 the same loop widens each bfloat16 to float32 and uses FMAs (`dot="fma"`): exact products, one
-rounding per addition, the same bound; the tests run both wherever the CPU has the instruction.
+AVX512_BF16 the same loop can widen each bfloat16 to float32 and use FMAs (`dot="fma"`): exact products, one
+rounding per addition, the same bound. It is slower than the float32 GEMM, so lorabox does not use it; the tests run
+it on every CPU, and the AVX512_BF16 loop wherever the CPU has the instruction.
 
 The bound (`certified.bounds`, gamma(K + 4)) covers the K roundings of the sum, the product by the float32
 multiplier and that multiplier's own rounding. The flushes are covered by `tiny(...)`; a denormal factor (which
@@ -27,6 +30,7 @@ import threading
 
 import numpy as np
 
+FORMATS = ("BF16", "F16")  # the weight's format (bfloat16 or float16; the factors are bfloat16 either way)
 MR, NV = 6, 4  # rows per block, 16-column vectors per block: 24 accumulators of the 32 registers
 _lock = threading.Lock()
 _compiled: dict = {}
@@ -73,19 +77,21 @@ def pack_down(down_bits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.stack([pairs[0::2], pairs[1::2]], axis=-1)).view(np.uint32).reshape(-1, cols)
 
 
-def kernel(dot: str = "bf16"):
-    """The compiled tile function: a ctypes function (it drops the GIL while it runs)
+def kernel(dot: str = "bf16", fmt: str = "BF16"):
+    """The compiled tile function for a `fmt` weight (BF16 or F16, written as the same type): a ctypes function (it
+    drops the GIL while it runs)
 
         fn(U, k_pairs, D, ldd, W, ldw, O, ldo, M, ldm, RB, CB, s, tiny, rows, cols)
 
     U: the tile's `pack_up` rows, k_pairs long; D: `pack_down`'s array at the tile's first column, ldd its row length; W and O:
-    bfloat16 bits at the tile's origin with their row lengths; M: uint16 flag words (cols/16 per row, row length
+    the weight's bits at the tile's origin with their row lengths; M: uint16 flag words (cols/16 per row, row length
     ldm); RB, CB: `certified.bounds` for the tile's rows and columns; s: ratio*scale as float32. `cols` must be a
     multiple of 16. None where llvmlite cannot compile it here."""
     with _lock:
         if dot not in _compiled:
             _compiled[dot] = _compile(dot)
-    return _compiled[dot]
+    functions = _compiled[dot]
+    return None if functions is None else functions.get(fmt)
 
 
 def _compile(dot: str):
@@ -104,11 +110,11 @@ def _compile(dot: str):
         pb.getModulePassManager().run(module, pb)
         engine = llvm.create_mcjit_compiler(module, tm)
         engine.finalize_object()
-        address = engine.get_function_address("lorabox_bf16_tiles")
+        addresses = {fmt: engine.get_function_address(f"lorabox_tiles_{fmt}") for fmt in FORMATS}
     except Exception:  # noqa: BLE001 -- any failure means: use the float32 GEMM
         return None
     _engines.append(engine)
-    return ctypes.CFUNCTYPE(None, *_ARGS)(address)
+    return {fmt: ctypes.CFUNCTYPE(None, *_ARGS)(address) for fmt, address in addresses.items()}
 
 
 class _Ir:
@@ -140,8 +146,20 @@ def _const16(ty: str, value: str) -> str:
     return f"<{', '.join([f'{ty} {value}'] * 16)}>"
 
 
-def _narrow(ir: _Ir, x: str) -> str:
-    """float32 -> bfloat16 bits, round to nearest even (torch's), as <16 x i32>."""
+def _widen(ir: _Ir, w16: str, fmt: str) -> str:
+    """16-bit float bits (<16 x i16>) -> float32, exact."""
+    if fmt == "F16":
+        return ir(f"fpext <16 x half> " + ir(f"bitcast <16 x i16> {w16} to <16 x half>") + f" to {V16F}")
+    w32 = ir(f"shl {V16I} " + ir(f"zext <16 x i16> {w16} to {V16I}") + ", " + _const16("i32", "16"))
+    return ir(f"bitcast {V16I} {w32} to {V16F}")
+
+
+def _narrow(ir: _Ir, x: str, fmt: str) -> str:
+    """float32 -> 16-bit bits as <16 x i32>, round to nearest even: float16 by the CPU's conversion (IEEE), bfloat16
+    by torch's integer steps."""
+    if fmt == "F16":
+        h = ir(f"bitcast <16 x half> " + ir(f"fptrunc {V16F} {x} to <16 x half>") + " to <16 x i16>")
+        return ir(f"zext <16 x i16> {h} to {V16I}")
     c16, c1, c7fff = _const16("i32", "16"), _const16("i32", "1"), _const16("i32", "32767")
     xi = ir(f"bitcast {V16F} {x} to {V16I}")
     odd = ir(f"and {V16I} " + ir(f"lshr {V16I} {xi}, {c16}") + f", {c1}")
@@ -160,9 +178,9 @@ def _at(ir: _Ir, ty: str, base: str, offset: str) -> str:
     return ir(f"getelementptr {ty}, ptr {base}, i64 {offset}")
 
 
-def _block(mr: int, nv: int, dot: str) -> str:
-    """block_<mr>_<nv>(U, D, ldd, W, ldw, O, ldo, M, ldm, RB, CB, s, tiny, j): rows 0..mr of the pointers given,
-    columns j..j+16*nv."""
+def _block(mr: int, nv: int, dot: str, fmt: str) -> str:
+    """block_<fmt>_<mr>_<nv>(U, D, ldd, W, ldw, O, ldo, M, ldm, RB, CB, s, tiny, j): rows 0..mr of the pointers
+    given, columns j..j+16*nv."""
     ir = _Ir()
     c16, hi_mask = _const16("i32", "16"), _const16("i32", "-65536")
     names = [[f"%a{r}.{v}" for v in range(nv)] for r in range(mr)]
@@ -204,14 +222,13 @@ def _block(mr: int, nv: int, dot: str) -> str:
             col = f"%j{16 * v}"
             p = ir(f"fmul {V16F} {acc[r][v]}, {s}")
             w16 = ir("load <16 x i16>, ptr " + _at(ir, "i16", "%W", ir(f"add i64 {w_row}, {col}")) + ", align 2")
-            w32 = ir(f"shl {V16I} " + ir(f"zext <16 x i16> {w16} to {V16I}") + f", {c16}")
-            val = ir(f"fadd {V16F} " + ir(f"bitcast {V16I} {w32} to {V16F}") + f", {p}")
+            val = ir(f"fadd {V16F} {_widen(ir, w16, fmt)}, {p}")
             cb = ir(f"load {V16F}, ptr " + _at(ir, "float", "%CB", col) + ", align 4")
             mag = ir(f"call {V16F} @llvm.fabs.v16f32({V16F} {val})")
             bound = ir(f"fadd {V16F} " + ir(f"fmul {V16F} {rb}, {cb}") + ", " + ir(f"fmul {V16F} {mag}, {eps}"))
             bound = ir(f"fadd {V16F} {bound}, {tiny}")
             lo, hi = ir(f"fsub {V16F} {val}, {bound}"), ir(f"fadd {V16F} {val}, {bound}")
-            nlo, nhi = _narrow(ir, lo), _narrow(ir, hi)
+            nlo, nhi = _narrow(ir, lo, fmt), _narrow(ir, hi, fmt)
             special = ir(f"or <16 x i1> {_special(ir, lo)}, {_special(ir, hi)}")
             flags = ir(f"or <16 x i1> " + ir(f"icmp ne {V16I} {nlo}, {nhi}") + f", {special}")
             out = ir(f"trunc {V16I} {nhi} to <16 x i16>")
@@ -219,7 +236,7 @@ def _block(mr: int, nv: int, dot: str) -> str:
             word = _at(ir, "i16", "%M", ir(f"add i64 {m_row}, " + ir(f"lshr i64 {col}, 4")))
             ir.put(f"  store i16 " + ir(f"bitcast <16 x i1> {flags} to i16") + f", ptr {word}, align 2")
     cols = "\n".join(f"  %j{16 * v} = add i64 %j, {16 * v}" for v in range(nv))
-    return (f"define internal void @block_{mr}_{nv}({_ARGLIST}, i64 %j) alwaysinline {{\nentry:\n{cols}\n"
+    return (f"define internal void @block_{fmt}_{mr}_{nv}({_ARGLIST}, i64 %j) alwaysinline {{\nentry:\n{cols}\n"
             + "\n".join(ir.lines) + "\n  ret void\n}\n")
 
 
@@ -237,12 +254,12 @@ def _loop(name: str, start: str, pred: str, step: int, limit: str, body: list[st
             f"{name}.body:\n" + "\n".join(body) + f"\n  br label %{name}.head\n")
 
 
-def _panel(mr: int) -> str:
-    """panel_<mr>: rows 0..mr, every column block (64 wide, then 16)."""
+def _panel(mr: int, fmt: str) -> str:
+    """panel_<fmt>_<mr>: rows 0..mr, every column block (64 wide, then 16)."""
     def call(nv: int, j: str) -> str:
-        return (f"  call void @block_{mr}_{nv}(ptr %U, i64 %kpairs, ptr %D, i64 %ldd, ptr %W, i64 %ldw, ptr %O, i64 %ldo, ptr %M, "
+        return (f"  call void @block_{fmt}_{mr}_{nv}(ptr %U, i64 %kpairs, ptr %D, i64 %ldd, ptr %W, i64 %ldw, ptr %O, i64 %ldo, ptr %M, "
                 f"i64 %ldm, ptr %RB, ptr %CB, float %s, float %tiny, i64 {j})")
-    return (f"define internal void @panel_{mr}({_ARGLIST}, i64 %cols) {{\nentry:\n"
+    return (f"define internal void @panel_{fmt}_{mr}({_ARGLIST}, i64 %cols) {{\nentry:\n"
             + _loop("j", "0", "entry", 16 * NV, "%cols", [call(NV, "%j")], "wide.done")
             + "wide.done:\n"
             + _loop("k", "%j", "wide.done", 16, "%cols", [call(1, "%k")], "done")
@@ -250,23 +267,26 @@ def _panel(mr: int) -> str:
 
 
 def ir_text(dot: str = "bf16") -> str:
-    def call(mr: int, i: str) -> str:
+    """The module: `lorabox_tiles_<fmt>` for each of FORMATS."""
+    def call(mr: int, i: str, fmt: str) -> str:
         lines = [f"  %{i}.ku = mul i64 %{i}, %kpairs", f"  %{i}.u = getelementptr i32, ptr %U, i64 %{i}.ku",
                  f"  %{i}.wo = mul i64 %{i}, %ldw", f"  %{i}.w = getelementptr i16, ptr %W, i64 %{i}.wo",
                  f"  %{i}.oo = mul i64 %{i}, %ldo", f"  %{i}.o = getelementptr i16, ptr %O, i64 %{i}.oo",
                  f"  %{i}.mo = mul i64 %{i}, %ldm", f"  %{i}.m = getelementptr i16, ptr %M, i64 %{i}.mo",
                  f"  %{i}.rb = getelementptr float, ptr %RB, i64 %{i}",
-                 f"  call void @panel_{mr}(ptr %{i}.u, i64 %kpairs, ptr %D, i64 %ldd, ptr %{i}.w, i64 %ldw, ptr %{i}.o, i64 %ldo, "
+                 f"  call void @panel_{fmt}_{mr}(ptr %{i}.u, i64 %kpairs, ptr %D, i64 %ldd, ptr %{i}.w, i64 %ldw, ptr %{i}.o, i64 %ldo, "
                  f"ptr %{i}.m, i64 %ldm, ptr %{i}.rb, ptr %CB, float %s, float %tiny, i64 %cols)"]
         return "\n".join(lines)
 
-    main = (f"define void @lorabox_bf16_tiles({_ARGLIST}, i64 %rows, i64 %cols) {{\nentry:\n"
-            + _loop("i", "0", "entry", MR, "%rows", [call(MR, "i")], "six.done")
-            + "six.done:\n"
-            + _loop("r", "%i", "six.done", 1, "%rows", [call(1, "r")], "done")
-            + "done:\n  ret void\n}\n")
+    def main(fmt: str) -> str:
+        return (f"define void @lorabox_tiles_{fmt}({_ARGLIST}, i64 %rows, i64 %cols) {{\nentry:\n"
+                + _loop("i", "0", "entry", MR, "%rows", [call(MR, "i", fmt)], "six.done")
+                + "six.done:\n"
+                + _loop("r", "%i", "six.done", 1, "%rows", [call(1, "r", fmt)], "done")
+                + "done:\n  ret void\n}\n")
+
     decls = (f"declare {V16F} @llvm.x86.avx512bf16.dpbf16ps.512({V16F}, {V32B}, {V32B})\n" if dot == "bf16"
              else f"declare {V16F} @llvm.fma.v16f32({V16F}, {V16F}, {V16F})\n")
     decls += f"declare {V16F} @llvm.fabs.v16f32({V16F})\n"
-    blocks = "".join(_block(mr, nv, dot) for mr in (MR, 1) for nv in (NV, 1))
-    return decls + blocks + _panel(MR) + _panel(1) + main
+    return decls + "".join("".join(_block(mr, nv, dot, fmt) for mr in (MR, 1) for nv in (NV, 1))
+                           + _panel(MR, fmt) + _panel(1, fmt) + main(fmt) for fmt in FORMATS)

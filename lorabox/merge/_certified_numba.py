@@ -156,8 +156,8 @@ def finish_f16(p, w_all, out_all, r0, c0, rows, cols, up, down_t, factors):
     return _finish(p, w_all, out_all, r0, c0, rows, cols, up, down_t, factors, 1)
 
 
-@njit(nogil=True, error_model="numpy", boundscheck=False, cache=True)
-def repair_bf16(masks, w_all, out_all, r0, c0, up, down_t, factors):
+@njit(nogil=True, error_model="numpy", boundscheck=False, cache=True, inline="always")
+def _repair(masks, w_all, out_all, r0, c0, up, down_t, factors, half):
     """The flagged elements of one tile of `_bf16_tiles` (bit b of masks[i, q]: row r0+i, column c0+16q+b), computed
     again by the definition. Returns how many."""
     k = up.shape[1]
@@ -169,6 +169,16 @@ def repair_bf16(masks, w_all, out_all, r0, c0, up, down_t, factors):
                 for b in range(16):
                     if (m >> b) & 1:
                         j = c0 + 16 * q + b
-                        out_all[r0 + i, j] = _exact(w_all[r0 + i, j], up[i], down_t[j], factors, k, 0)
+                        out_all[r0 + i, j] = _exact(w_all[r0 + i, j], up[i], down_t[j], factors, k, half)
                         repaired += 1
     return repaired
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, cache=True)
+def repair_bf16(masks, w_all, out_all, r0, c0, up, down_t, factors):
+    return _repair(masks, w_all, out_all, r0, c0, up, down_t, factors, 0)
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, cache=True)
+def repair_f16(masks, w_all, out_all, r0, c0, up, down_t, factors):
+    return _repair(masks, w_all, out_all, r0, c0, up, down_t, factors, 1)

@@ -84,30 +84,33 @@ def bf16_dot() -> str | None:
     return "bf16" if _bf16_tiles.has_avx512_bf16() else None
 
 
-def bf16_tiles(dot: str):
-    """(tile kernel, repair pass) of `_bf16_tiles` with products formed by `dot`, or None where numba or llvmlite
-    cannot compile them here."""
+def bf16_tiles(dot: str, dtype: str = "BF16"):
+    """(tile kernel, repair pass) of `_bf16_tiles` for a `dtype` weight (BF16 or F16) with products formed by `dot`,
+    or None where numba or llvmlite cannot compile them here."""
     with _lock:
-        key = ("bf16_tiles", dot)
+        key = ("bf16_tiles", dot, dtype)
         if key not in _kernels:
-            _kernels[key] = _compile_bf16_tiles(dot)
+            _kernels[key] = _compile_bf16_tiles(dot, dtype)
     return _kernels[key]
 
 
-def _compile_bf16_tiles(dot: str):
+def _compile_bf16_tiles(dot: str, dtype: str):
+    if dtype not in HALF:
+        return None
     try:
         from . import _bf16_tiles
         from . import _certified_numba as impl
     except ImportError:
         return None
-    fn = _bf16_tiles.kernel(dot)
+    fn = _bf16_tiles.kernel(dot, dtype)
     if fn is None:
         return None
+    repair = impl.repair_f16 if HALF[dtype] else impl.repair_bf16
     try:  # compile the repair pass now, on a tiny tile
         w = np.zeros((1, 16), np.uint16)
         w.flags.writeable = False
-        impl.repair_bf16(np.ones((1, 1), np.uint16), w, np.zeros((1, 16), np.uint16), 0, 0, np.zeros((1, 1)),
-                         np.zeros((16, 1)), np.ones(1))
+        repair(np.ones((1, 1), np.uint16), w, np.zeros((1, 16), np.uint16), 0, 0, np.zeros((1, 1)),
+               np.zeros((16, 1)), np.ones(1))
     except Exception:  # noqa: BLE001 -- any failure means: use the float32 GEMM
         return None
-    return fn, impl.repair_bf16
+    return fn, repair

@@ -179,10 +179,11 @@ class NumpyCompute:
         definition's bytes, slower). The compiled loop of `_bf16_tile` (0.3 s of LLVM) starts compiling too, on its
         own thread, where some bfloat16 weight will take it."""
         if self.bf16_dot and jobs is not None and any(
-                patches and info.dtype == dtype == "BF16" and len(info.shape) > 1 and _single_lora(patches)
+                patches and info.dtype == dtype and dtype in ("BF16", "F16") and len(info.shape) > 1
+                and _single_lora(patches)
                 for info, dtype, patches in jobs):
             ex = ThreadPoolExecutor(1, thread_name_prefix="lorabox-compile")
-            ex.submit(certified.bf16_tiles, self.bf16_dot)
+            ex.submit(certified.bf16_tiles, self.bf16_dot)  # one LLVM module holds both formats
             ex.shutdown(wait=False)
         if self.kernels != "auto" or self._torch not in (_LATER, None) or not _torch_installed():
             return
@@ -290,10 +291,12 @@ class NumpyCompute:
         floats = t.dtype in TORCH_FLOATS and dtype in TORCH_FLOATS
         torch = self.torch if simple and finish is None and floats else None
         if finish is not None or torch is not None:
-            tile = ((self._bf16_tile(t, a, p.ratio, cache, out, finish) or
-                     self._certified_tile(t, a, p.ratio, cache, out, finish)) if finish is not None
-                    else self._lora_tile(t, a, p.ratio, cache, out, dtype, fused))
-            run_chunks(tile, _tiles(rows, int(np.prod(t.shape[1:]))), self.threads, self.pool)
+            tile = self._bf16_tile(t, a, p.ratio, cache, out, finish) if finish is not None else None
+            align = 16 if tile is not None else 1  # its column blocks: only the weight's last columns need the tail
+            if tile is None:
+                tile = (self._certified_tile(t, a, p.ratio, cache, out, finish) if finish is not None
+                        else self._lora_tile(t, a, p.ratio, cache, out, dtype, fused))
+            run_chunks(tile, _tiles(rows, int(np.prod(t.shape[1:])), align), self.threads, self.pool)
             return out
         if simple:
             block = self._lora_blocks_numpy(t, a, p.ratio, cache, out, dtype, step)
@@ -378,16 +381,16 @@ class NumpyCompute:
         return tile
 
     def _bf16_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, finish):
-        """The certified tiles in one compiled loop (`_bf16_tiles`) for a bfloat16 weight with bfloat16 `up` and
-        `down` written as bfloat16: no float32 product in memory, products twice as fast on AVX512_BF16. None where
+        """The certified tiles in one compiled loop (`_bf16_tiles`) for a bfloat16 or float16 weight kept in its type
+        with bfloat16 `up` and `down`: no float32 product in memory, products twice as fast on AVX512_BF16. None where
         that does not apply (other types, a denormal factor, no kernel here). Columns past the last multiple of 16
         take `_certified_tile`; the flagged elements are repaired in float64 as there."""
         up_t, down_t16 = a.tensors["up"], a.tensors["down"]
-        if not (self.bf16_dot and t.dtype == "BF16" and up_t.dtype == "BF16" and down_t16.dtype == "BF16"):
+        if not (self.bf16_dot and t.dtype in ("BF16", "F16") and up_t.dtype == "BF16" and down_t16.dtype == "BF16"):
             return None
         rows = t.shape[0]
         up_bits, down_bits = up_t.array.reshape(rows, -1), down_t16.array.reshape(down_t16.shape[0], -1)
-        compiled = certified.bf16_tiles(self.bf16_dot)
+        compiled = certified.bf16_tiles(self.bf16_dot, t.dtype)
         if compiled is None or not _bf16_tiles.usable(up_bits, down_bits):
             return None
         fn, repair = compiled
@@ -480,15 +483,17 @@ def _single_lora(patches: list) -> bool:
             and "mid" not in a.tensors and "diff" not in a.tensors)
 
 
-def _tiles(rows: int, cols: int) -> list[tuple[slice, slice]]:
+def _tiles(rows: int, cols: int, align: int = 1) -> list[tuple[slice, slice]]:
     """float64 tiles of about TILE_BYTES of a rows x cols product, at most TILE_COLS wide: each BLAS call packs the
     `down` columns and `up` rows it needs, so a tile of few rows packs as much as it computes (measured on a
     3072x12288 rank-64 weight: 5.8 ns per element as row blocks of 21 rows, 4.7-4.8 as 2 MB tiles). With the
     multipliers folded into the product (`_lora_tile`), 4 MB tiles beat 2 MB ones on both cores, best of four
     interleaved runs: FLUX.1's weights 2.32 -> 2.07 ns per element of wall time at rank 64, 1.47 -> 1.29 at rank
-    32; SDXL's 1.80 -> 1.71 at rank 32 (fp16). 8 MB ran as 4; 512-2048 wide no better than 4096."""
+    32; SDXL's 1.80 -> 1.71 at rank 32 (fp16). 8 MB ran as 4; 512-2048 wide no better than 4096. Widths are
+    multiples of `align` but for the last tile's."""
     n_cols = -(-cols // TILE_COLS)
     width = -(-cols // n_cols)
+    width = -(-width // align) * align
     step = max(1, TILE_BYTES // (width * 8))
     return [(slice(r, min(rows, r + step)), slice(c, min(cols, c + width)))
             for r in range(0, rows, step) for c in range(0, cols, width)]

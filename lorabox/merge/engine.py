@@ -52,6 +52,8 @@ class MergeReport:
     # hashing on the reading thread, are behind), "waiting for writes" (a full write queue: the disk is behind);
     # computing close to `seconds` means the CPU is the limit
     stages: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    # bytes of a base read around the page cache that were copied from it instead (`direct.Residency`)
+    base_from_page_cache: int = 0
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
@@ -349,6 +351,7 @@ def _merge_shard(shard: Shard, plan: Plan, path: Path, dtype: str, rounding: str
     finally:
         if reader is not None:
             reader.close()
+            report.base_from_page_cache += reader.from_cache
         os.close(fd)
     return size
 

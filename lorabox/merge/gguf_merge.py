@@ -144,6 +144,7 @@ def _stream(path: Path, fd: int, items: list, step, writer: GGUFStreamWriter, pl
     finally:
         if reader is not None:
             reader.close()
+            report.base_from_page_cache += reader.from_cache
     writer.fill(digests.PENDING, digest.finish())
 
 

@@ -183,6 +183,7 @@ def test_which_products(monkeypatch):
     """AVX512_BF16 where the CPU has it, else the float32 GEMM; LORABOX_BF16_TILES overrides."""
     monkeypatch.delenv("LORABOX_BF16_TILES", raising=False)
     assert certified.bf16_dot() == ("bf16" if _bf16_tiles.has_avx512_bf16() else None)
+    assert NumpyCompute(1).bf16_dot == certified.bf16_dot()  # what a merge uses by default
     for setting, want in (("0", None), ("fma", "fma"), ("bf16", "bf16")):
         monkeypatch.setenv("LORABOX_BF16_TILES", setting)
         assert certified.bf16_dot() == want

@@ -151,8 +151,7 @@ class NumpyCompute:
         # float32 products with a proof per element for 16-bit outputs, where numba is installed (`certified`);
         # LORABOX_CERTIFY=0 keeps every tile in float64 (the benchmarks' A/B)
         self.certify = os.environ.get("LORABOX_CERTIFY", "1") != "0" if certify is None else certify
-        # bfloat16 weights with bfloat16 factors: products, proof and rounding in one compiled loop (`_bf16_tiles`)
-        self.bf16_dot = certified.bf16_dot() if self.certify else None
+        self._bf16_dot = _LATER  # `bf16_dot`, asked for when a weight could use it (llvmlite's import: 0.1 s)
         self.buffers = BufferPool()
         self.pool = None  # worker threads, during a session
         self._tile_buffers = threading.local()  # one float64 tile buffer per worker thread
@@ -161,6 +160,17 @@ class NumpyCompute:
             raise OutputError("the torch CPU kernels need torch.", hint="pip install 'lorabox[torch]'.")
         # kernels="torch": imported now; "auto": when `expect` finds a use for it (or on first use, without one)
         self._torch = (_start_torch_import() if kernels == "torch" else _LATER) if installed else None
+
+    @property
+    def bf16_dot(self) -> str | None:
+        """How the compiled loop of `_bf16_tile` forms its products here (`certified.bf16_dot`), or None: not used."""
+        if self._bf16_dot is _LATER:
+            self._bf16_dot = certified.bf16_dot() if self.certify else None
+        return self._bf16_dot
+
+    @bf16_dot.setter
+    def bf16_dot(self, dot: str | None) -> None:
+        self._bf16_dot = dot
 
     @property
     def torch(self):
@@ -178,10 +188,10 @@ class NumpyCompute:
         will, this merge does without it (a tensor whose need was not foreseen would take the numpy path: the
         definition's bytes, slower). The compiled loop of `_bf16_tile` (0.3 s of LLVM) starts compiling too, on its
         own thread, where some bfloat16 weight will take it."""
-        if self.bf16_dot and jobs is not None and any(
+        if jobs is not None and any(
                 patches and info.dtype == dtype and dtype in ("BF16", "F16") and len(info.shape) > 1
                 and _single_lora(patches)
-                for info, dtype, patches in jobs):
+                for info, dtype, patches in jobs) and self.bf16_dot:
             ex = ThreadPoolExecutor(1, thread_name_prefix="lorabox-compile")
             ex.submit(certified.bf16_tiles, self.bf16_dot)  # one LLVM module holds both formats
             ex.shutdown(wait=False)
@@ -386,7 +396,7 @@ class NumpyCompute:
         that does not apply (other types, a denormal factor, no kernel here). Columns past the last multiple of 16
         take `_certified_tile`; the flagged elements are repaired in float64 as there."""
         up_t, down_t16 = a.tensors["up"], a.tensors["down"]
-        if not (self.bf16_dot and t.dtype in ("BF16", "F16") and up_t.dtype == "BF16" and down_t16.dtype == "BF16"):
+        if not (t.dtype in ("BF16", "F16") and up_t.dtype == "BF16" and down_t16.dtype == "BF16" and self.bf16_dot):
             return None
         rows = t.shape[0]
         up_bits, down_bits = up_t.array.reshape(rows, -1), down_t16.array.reshape(down_t16.shape[0], -1)

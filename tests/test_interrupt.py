@@ -16,7 +16,11 @@ from tests.test_merge import flux_base, write_lora
 # `lorabox` itself, with every tensor's write held back 50 ms (on the write-behind thread, as a slow disk does), so
 # that the merge is still streaming when the signal comes
 SLOW_LORABOX = """
-import sys, time
+import signal, sys, time
+# start as from a terminal: a test worker that some earlier test left ignoring or blocking SIGINT would pass that on
+# (once in a full parallel run, the merge ran to its end and exited 0)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from lorabox.io.gguf import GGUFStreamWriter
 from lorabox.io.safetensors import StreamWriter
 
@@ -58,7 +62,7 @@ def test_a_signal_mid_merge_leaves_nothing_behind(tmp_path, inputs, sig, out_nam
     assert proc.poll() is None, "the merge ended before the signal: slow it down further"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig, err
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
     lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]  # the progress bar aside
     assert "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith("lorabox: ") and "nothing was written" in lines[0], lines[0]

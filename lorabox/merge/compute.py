@@ -187,13 +187,13 @@ class NumpyCompute:
         are not known. torch's import starts (on its own thread) if some tensor will run on its kernels; if none
         will, this merge does without it (a tensor whose need was not foreseen would take the numpy path: the
         definition's bytes, slower). The compiled loop of `_bf16_tile` (0.3 s of LLVM) starts compiling too, on its
-        own thread, where some bfloat16 weight will take it."""
-        if jobs is not None and any(
-                patches and info.dtype == dtype and dtype in ("BF16", "F16") and len(info.shape) > 1
-                and _single_lora(patches)
-                for info, dtype, patches in jobs) and self.bf16_dot:
+        own thread, for the formats of the 16-bit weights that may take it."""
+        formats = {dtype for info, dtype, patches in jobs or () if patches and info.dtype == dtype
+                   and dtype in ("BF16", "F16") and len(info.shape) > 1 and _single_lora(patches)}
+        if formats and self.bf16_dot:
             ex = ThreadPoolExecutor(1, thread_name_prefix="lorabox-compile")
-            ex.submit(certified.bf16_tiles, self.bf16_dot)  # one LLVM module holds both formats
+            for dtype in sorted(formats):  # one LLVM module holds both; each has its numba repair pass
+                ex.submit(certified.bf16_tiles, self.bf16_dot, dtype)
             ex.shutdown(wait=False)
         if self.kernels != "auto" or self._torch not in (_LATER, None) or not _torch_installed():
             return

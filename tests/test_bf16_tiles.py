@@ -78,7 +78,8 @@ def _merge(w, up, down, ratio, dot, threads=2, scale=0.5) -> np.ndarray:
     (512, 2048, 32, 0.003), (512, 2048, 32, 0.03),  # whole panels and 64-column blocks
     (97, 1000, 7, 0.03),  # a single-row tail, 16-column blocks, 8 columns for the float32 GEMM, an odd rank
     (6, 16, 1, 0.1), (13, 4160, 64, 0.02),  # two tiles of 2080 columns: 32 blocks of 64 and two of 16 each
-    (7, 10240, 8, 0.03)])  # SDXL's width: three tiles, 3424 + 3424 + 3392 columns (multiples of 16)
+    (7, 10240, 8, 0.03),  # SDXL's width: three tiles, 3424 + 3424 + 3392 columns (multiples of 16)
+    (12, 256, 128, 0.01)])  # a high rank: 64 pairs per element
 def test_bytes_are_the_definitions(dot, dtype, rows, cols, rank, delta, counted):
     """Ratio 0.8 with bf16 factors puts many float64 values on float32 ties: every byte is still the definition's,
     and with the larger deltas the repairs are part of why."""

@@ -5,38 +5,16 @@ padded), with the products formed both ways: AVX512_BF16's pair products where t
 everywhere."""
 import numpy as np
 import pytest
-import torch
 
 from lorabox.lora import Adapter
 from lorabox.merge import _bf16_tiles, certified
 from lorabox.merge.compute import NumpyCompute
 from lorabox.merge.plan import Patch
 from lorabox.tensor import Tensor
+from tests.test_merge_certified import INFO, _bits, _case, _definition
 
-INFO = type("Info", (), {"name": "x.weight"})
-TORCH = {"BF16": torch.bfloat16, "F16": torch.float16}
 DOTS = ["fma", pytest.param("bf16", marks=pytest.mark.skipif(not _bf16_tiles.has_avx512_bf16(),
                                                              reason="this CPU has no AVX512_BF16"))]
-
-
-def _bits(x: np.ndarray, dtype: str = "BF16") -> np.ndarray:
-    """float64 -> dtype's bits as torch's `.to(dtype)` rounds them: the reference."""
-    return torch.from_numpy(x).to(TORCH[dtype]).view(torch.int16).numpy().view(np.uint16)
-
-
-def _definition(w: Tensor, up: Tensor, down: Tensor, factors) -> np.ndarray:
-    x = up.values() @ down.values()  # up@down, times each multiplier, plus W: in float64
-    for f in factors:
-        x *= f
-    return x + w.values()
-
-
-def _case(rows, cols, rank, delta=0.01, seed=5, dtype="BF16"):
-    rng = np.random.default_rng(seed)
-    w = Tensor.from_values(rng.standard_normal((rows, cols)) * 0.02, dtype)
-    up = Tensor.from_values(rng.standard_normal((rows, rank)) * delta, "BF16")
-    down = Tensor.from_values(rng.standard_normal((rank, cols)) * delta, "BF16")
-    return w, up, down
 
 
 @pytest.fixture
@@ -83,9 +61,9 @@ def _merge(w, up, down, ratio, dot, threads=2, scale=0.5) -> np.ndarray:
 def test_bytes_are_the_definitions(dot, dtype, rows, cols, rank, delta, counted):
     """Ratio 0.8 with bf16 factors puts many float64 values on float32 ties: every byte is still the definition's,
     and with the larger deltas the repairs are part of why."""
-    w, up, down = _case(rows, cols, rank, delta, dtype=dtype)
+    w, up, down = _case(dtype, rows, cols, rank, delta)
     got = _merge(w, up, down, 0.8, dot)
-    assert np.array_equal(got, _bits(_definition(w, up, down, (0.5, 0.8)), dtype))  # alpha = rank / 2
+    assert np.array_equal(got, _bits(_definition(w, up, down, 0.5, 0.8), dtype))  # alpha = rank / 2
     assert counted["tiles"] > 0
     if delta >= 0.03 and rows * cols > 10000:
         assert 0 < counted["repaired"] < got.size // 20  # float16's 11 bits flag 2 % of these, bfloat16's 0.2 %
@@ -112,9 +90,9 @@ def _direct(dot, w, up, down, factors):
 def test_the_proof_is_needed_and_sufficient(dot, dtype):
     """Every element the loop does not flag is the definition's; some flagged ones are not (so the repairs are
     needed); and few are flagged."""
-    w, up, down = _case(256, 1024, 32, delta=0.03, seed=11, dtype=dtype)
+    w, up, down = _case(dtype, 256, 1024, 32, delta=0.03, seed=11)
     factors = (0.5, 0.8)
-    want = _bits(_definition(w, up, down, factors), dtype)
+    want = _bits(_definition(w, up, down, *factors), dtype)
     out, flags = _direct(dot, w, up, down, factors)
     assert np.array_equal(out[~flags], want[~flags])
     assert np.count_nonzero(out[flags] != want[flags]) > 0
@@ -139,7 +117,7 @@ def test_special_values(dot, dtype):
     up64[0, 0] = 2.0 ** 12 if dtype == "F16" else 2.0 ** 120  # pushes `big` past the largest value
     up, down = Tensor.from_values(up64, "BF16"), Tensor.from_values(rng.standard_normal((rank, cols)) * 0.1, "BF16")
     with np.errstate(all="ignore"):
-        want = _bits(_definition(w, up, down, (0.75, 0.8)), dtype)
+        want = _bits(_definition(w, up, down, 0.75, 0.8), dtype)
     a = Adapter("unet", "m", tensors={"up": up, "down": down}, alpha=Tensor.scalar(rank * 0.75))
     c = NumpyCompute(1, kernels="torch")
     c.bf16_dot = dot
@@ -165,18 +143,18 @@ def test_sums_near_the_bottom_of_the_range(dot, scale, counted):
     up = Tensor.from_values(rng.standard_normal((24, 16)) * 2.0 ** -60, "BF16")
     down = Tensor.from_values(rng.standard_normal((16, 256)) * 2.0 ** -68, "BF16")
     got = _merge(w, up, down, 1.0, dot, threads=1, scale=scale)
-    assert np.array_equal(got, _bits(_definition(w, up, down, (scale, 1.0))))
+    assert np.array_equal(got, _bits(_definition(w, up, down, scale, 1.0), "BF16"))
     assert counted["tiles"] > 0
 
 
 @pytest.mark.parametrize("dot", DOTS)
 def test_a_subnormal_factor_takes_the_float32_gemm(dot, counted):
     """AVX512_BF16 reads subnormal inputs as zero: a LoRA with one goes through `_certified_tile` instead."""
-    w, up, down = _case(64, 512, 8)
+    w, up, down = _case("BF16", 64, 512, 8)
     down.array[2, 5] = 0x0003  # a subnormal bfloat16
     assert not _bf16_tiles.usable(up.array, down.array) and _bf16_tiles.usable(up.array, down.array[:2])
     got = _merge(w, up, down, 0.8, dot)
-    assert np.array_equal(got, _bits(_definition(w, up, down, (0.5, 0.8))))
+    assert np.array_equal(got, _bits(_definition(w, up, down, 0.5, 0.8), "BF16"))
     assert counted["tiles"] == 0
 
 

@@ -10,7 +10,8 @@ filesystems); the caller then writes through the page cache as before. The file'
 the file then truncated to its exact size; durability (fsync) stays the caller's.
 
 Reads (`open_read`, `DirectReader`) go around the page cache only for files too big for it to keep (see
-`wanted_for_reading`; `LORABOX_DIRECT_READS=0` reads every base through it).
+`wanted_for_reading`; `LORABOX_DIRECT_READS=0` reads every base through it); what the page cache already holds of
+such a file is copied from there (`Residency`).
 """
 from __future__ import annotations
 

@@ -46,12 +46,15 @@ def kernel(dtype: str):
     """The compiled tile function for a BF16 or F16 weight written as the same type, or None when numba is not
     installed or cannot compile it here (the caller then computes in float64)."""
     half = HALF.get(dtype)
-    if half is None:
-        return None
+    return None if half is None else _once(half, _compile, half)
+
+
+def _once(key, build, *args):
+    """`build(*args)`, made once per process (under the lock: compute threads may ask together)."""
     with _lock:
-        if half not in _kernels:
-            _kernels[half] = _compile(half)
-    return _kernels[half]
+        if key not in _kernels:
+            _kernels[key] = build(*args)
+    return _kernels[key]
 
 
 def _compile(half: int):
@@ -87,11 +90,7 @@ def bf16_dot() -> str | None:
 def bf16_tiles(dot: str, dtype: str = "BF16"):
     """(tile kernel, repair pass) of `_bf16_tiles` for a `dtype` weight (BF16 or F16) with products formed by `dot`,
     or None where numba or llvmlite cannot compile them here."""
-    with _lock:
-        key = ("bf16_tiles", dot, dtype)
-        if key not in _kernels:
-            _kernels[key] = _compile_bf16_tiles(dot, dtype)
-    return _kernels[key]
+    return _once(("bf16_tiles", dot, dtype), _compile_bf16_tiles, dot, dtype)
 
 
 def _compile_bf16_tiles(dot: str, dtype: str):

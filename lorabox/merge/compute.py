@@ -362,23 +362,14 @@ class NumpyCompute:
 
         return tile
 
-    def _certified_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, finish):
+    def _certified_tile(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray, finish,
+                        proof: _Proof | None = None):
         """The same tiles with the product in float32 and a proof per element (`lorabox.merge.certified`): one float32
         BLAS call per tile (numpy's OpenBLAS: as fast as torch's MKL on these shapes here, and no torch to import),
         then one compiled pass that adds W, rounds, checks and repairs the few elements the check cannot vouch for.
         The definition's bytes, ties included, whichever BLAS computes the products."""
-        rows = t.shape[0]
-        down = cache.down(a)
-        up = np.array(a.tensors["up"].values().reshape(rows, -1), dtype=np.float64)  # own copy: the repairs read it
-        factors = multipliers(a.scale, ratio)
-        scaled = up * math.prod(factors)
-        row_bound, col_bound = certified.bounds(scaled, down)
-        lhs, rhs = scaled.astype(np.float32), down.astype(np.float32)
-        down_t = np.ascontiguousarray(down.T)
-        factors = np.array(factors, dtype=np.float64)
-        w_all = t.array.reshape(rows, -1).view(np.uint16)
-        w_all.flags.writeable = False  # one compiled variant: base weights are read-only maps anyway
-        out_all = out.reshape(rows, -1).view(np.uint16)
+        proof = _Proof(t, a, ratio, cache, out) if proof is None else proof
+        lhs, rhs = (proof.up * proof.s).astype(np.float32), proof.down.astype(np.float32)
         local = self._tile_buffers
 
         def tile(rc: tuple[slice, slice]) -> None:
@@ -386,7 +377,8 @@ class NumpyCompute:
             shape = (rs.stop - rs.start, cs.stop - cs.start)
             p = _buffer(np, local, "p32", shape[0] * shape[1], np.float32).reshape(shape)
             np.matmul(lhs[rs], rhs[:, cs], out=p)
-            finish(p, w_all, out_all, rs.start, cs.start, row_bound[rs], col_bound[cs], up[rs], down_t, factors)
+            finish(p, proof.w_all, proof.out_all, rs.start, cs.start, proof.row_bound[rs], proof.col_bound[cs],
+                   proof.up[rs], proof.down_t, proof.factors)
 
         return tile
 
@@ -404,21 +396,13 @@ class NumpyCompute:
         if compiled is None or not _bf16_tiles.usable(up_bits, down_bits):
             return None
         fn, repair = compiled
-        down = cache.down(a)
-        up = np.array(up_t.values().reshape(rows, -1), dtype=np.float64)  # the repairs read it
-        factors = multipliers(a.scale, ratio)
-        s = math.prod(factors)
-        row_bound, col_bound = certified.bounds(up * s, down)
+        proof = _Proof(t, a, ratio, cache, out)
         packed_up, packed_down = _bf16_tiles.pack_up(up_bits), _bf16_tiles.pack_down(down_bits)
         k_pairs, ldd = packed_up.shape[1], packed_down.shape[1]
-        tiny = _bf16_tiles.tiny(s, down.shape[0])
-        down_t = np.ascontiguousarray(down.T)
-        factors = np.array(factors, dtype=np.float64)
-        w_all = t.array.reshape(rows, -1).view(np.uint16)
-        w_all.flags.writeable = False
-        out_all = out.reshape(rows, -1).view(np.uint16)
+        s, tiny = np.float32(proof.s), _bf16_tiles.tiny(proof.s, proof.down.shape[0])
+        w_all, out_all = proof.w_all, proof.out_all
         cols = w_all.shape[1]
-        tail = self._certified_tile(t, a, ratio, cache, out, finish) if cols % 16 else None
+        tail = self._certified_tile(t, a, ratio, cache, out, finish, proof) if cols % 16 else None
         local = self._tile_buffers
 
         def tile(rc: tuple[slice, slice]) -> None:
@@ -429,10 +413,10 @@ class NumpyCompute:
                 at = rs.start * cols + cs.start
                 fn(packed_up[rs].ctypes.data, k_pairs, packed_down[:, cs.start:].ctypes.data, ldd,
                    w_all.ctypes.data + 2 * at, cols, out_all.ctypes.data + 2 * at, cols, masks.ctypes.data,
-                   width // 16, row_bound[rs].ctypes.data, col_bound[cs].ctypes.data, np.float32(s), tiny,
+                   width // 16, proof.row_bound[rs].ctypes.data, proof.col_bound[cs].ctypes.data, s, tiny,
                    n_rows, width)
                 if masks.any():
-                    repair(masks, w_all, out_all, rs.start, cs.start, up[rs], down_t, factors)
+                    repair(masks, w_all, out_all, rs.start, cs.start, proof.up[rs], proof.down_t, proof.factors)
             if width < cs.stop - cs.start:
                 tail((rs, slice(cs.start + width, cs.stop)))
 
@@ -453,6 +437,25 @@ class NumpyCompute:
             out[rs] = from_float32(sum32, dtype)
 
         return block
+
+
+class _Proof:
+    """What the certified tiles of one weight share, computed once: `up` in float64 (the repairs read it), `down`
+    and its transpose, the multipliers and their product `s`, the bound's row and column factors
+    (`certified.bounds`), and W and the output as 16-bit bits."""
+
+    def __init__(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray):
+        rows = t.shape[0]
+        self.down = cache.down(a)
+        self.up = np.array(a.tensors["up"].values().reshape(rows, -1), dtype=np.float64)  # own copy
+        factors = multipliers(a.scale, ratio)
+        self.s = math.prod(factors)
+        self.factors = np.array(factors, dtype=np.float64)
+        self.row_bound, self.col_bound = certified.bounds(self.up * self.s, self.down)
+        self.down_t = np.ascontiguousarray(self.down.T)
+        self.w_all = t.array.reshape(rows, -1).view(np.uint16)
+        self.w_all.flags.writeable = False  # one compiled variant: base weights are read-only maps anyway
+        self.out_all = out.reshape(rows, -1).view(np.uint16)
 
 
 def _gguf_on_host(compute, info, t: Tensor, patches: list, qtype: str, stored_shape) -> np.ndarray:

@@ -301,7 +301,8 @@ def byte_code(cache: Path) -> None:
         return
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = str(cache)
-    subprocess.run([sys.executable, "-c", "import torch, lorabox.cli, lorabox.merge.engine, lorabox.merge.compute"],
+    subprocess.run([sys.executable, "-c", "import torch, lorabox.cli, lorabox.merge.engine, lorabox.merge.compute\n"
+                    "try:\n    import llvmlite.binding, lorabox.merge._certified_numba\nexcept ImportError:\n    pass"],
                    check=True, cwd=ROOT)
     print(f"byte code: this Python writes none (PYTHONDONTWRITEBYTECODE); the merges read theirs from {cache}")
 
@@ -318,8 +319,8 @@ def merge_round(args, base: Path, lora: Path, copy: Path, out: Path, d: Path, de
     finally:
         copy.unlink(missing_ok=True)
     print(f"plain copy (cp + sync{', base dropped from the page cache' if args.cold else ''}): {t_copy:.1f} s{machine()}")
-    os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base
-    shutil.rmtree(d / "cache", ignore_errors=True)  # (a kept --dir remembers it from the last run)
+    os.environ["LORABOX_CACHE_DIR"] = str(d / "cache")  # cold: the first merge hashes the base (a kept --dir
+    (d / "cache" / "sha256.json").unlink(missing_ok=True)  # remembers it); the compiled loop stays, as for any user
     timings = []
     for device in [*devices, "again"]:
         out.unlink(missing_ok=True)  # room for this merge's output

@@ -158,6 +158,47 @@ def test_a_subnormal_factor_takes_the_float32_gemm(dot, counted):
     assert counted["tiles"] == 0
 
 
+def test_usable_refuses_exactly_the_subnormals():
+    """Every bfloat16 bit pattern alone: refused exactly where the exponent is zero and the fraction is not."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    subnormal = ((bits & 0x7F80) == 0) & ((bits & 0x7F) != 0)
+    assert subnormal.sum() == 2 * 127
+    ok = np.zeros((1, 1), np.uint16)
+    assert [_bf16_tiles.usable(b.reshape(1, 1), ok) for b in bits] == list(~subnormal)
+    assert [_bf16_tiles.usable(ok, b.reshape(1, 1)) for b in bits[::97]] == list(~subnormal[::97])
+
+
+def test_machine_code_is_kept_between_processes(tmp_path, monkeypatch):
+    """The compiled loop's machine code is kept in the cache folder and loaded by the next process (here: this one
+    with its compiled functions forgotten) with no compiling; a torn or altered file is compiled again and replaced;
+    where the cache cannot be written, the loop is compiled each time and works the same."""
+    monkeypatch.setenv("LORABOX_CACHE_DIR", str(tmp_path / "cache"))
+    w, up, down = _case("BF16", 13, 4160, 64, 0.02)
+    want = _bits(_definition(w, up, down, 0.5, 0.8), "BF16")
+    compiles = []
+    real = _bf16_tiles._object
+    monkeypatch.setattr(_bf16_tiles, "_object", lambda *args: compiles.append(1) or real(*args))
+
+    def fresh_merge():
+        monkeypatch.setattr(_bf16_tiles, "_compiled", {})
+        monkeypatch.setattr(certified, "_kernels", {})
+        return _merge(w, up, down, 0.8, "fma")
+
+    assert np.array_equal(fresh_merge(), want) and len(compiles) == 1
+    [kept] = (tmp_path / "cache").glob("tiles-*.o")
+    assert np.array_equal(fresh_merge(), want) and len(compiles) == 1  # loaded
+    data = kept.read_bytes()
+    kept.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    assert np.array_equal(fresh_merge(), want) and len(compiles) == 2  # refused, compiled again
+    assert kept.read_bytes() == data
+    kept.write_bytes(data[:-40])  # torn
+    assert np.array_equal(fresh_merge(), want) and len(compiles) == 3
+    monkeypatch.setenv("LORABOX_CACHE_DIR", str(kept))  # a file: no folder can be made there
+    assert np.array_equal(fresh_merge(), want) and len(compiles) == 4
+    assert np.array_equal(fresh_merge(), want) and len(compiles) == 5
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [kept.name]  # no temporary file left
+
+
 def test_which_products(monkeypatch):
     """AVX512_BF16 where the CPU has it, else the float32 GEMM; LORABOX_BF16_TILES overrides."""
     monkeypatch.delenv("LORABOX_BF16_TILES", raising=False)

@@ -139,13 +139,14 @@ def test_help_is_light_and_every_command_has_an_example():
         assert "Example:" in out, name
 
 
-@pytest.mark.parametrize("torch_state", ["absent", "loaded", "importing", "distributed"])
+@pytest.mark.parametrize("torch_state", ["absent", "loaded", "numba", "importing", "distributed"])
 def test_entry_point_exit_codes_and_flushed_output(kohya_file, tmp_path, torch_state):
     """`lorabox.cli.run` (the console script, `python -m lorabox`) ends at once, past the interpreter's teardown,
-    where torch is loaded (atexit handlers do not run), except in a process of a distributed run; either way what
-    the command printed, to a pipe, arrives whole, and the exit code is the command's."""
+    where torch or numba is loaded (atexit handlers do not run), except in a process of a distributed run; either
+    way what the command printed, to a pipe, arrives whole, and the exit code is the command's."""
     setup = {"absent": "",
              "loaded": "import torch\n",
+             "numba": "import numba\n",  # a merge that needed numba's certified tiles and no torch
              # a merge refused while merge.compute's thread still imports torch: the module, without its attributes
              "importing": "import types\nsys.modules['torch'] = types.ModuleType('torch')\n",
              "distributed": "import torch, torch.distributed as dist\n"

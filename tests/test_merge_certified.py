@@ -195,8 +195,11 @@ def test_a_kept_merge_with_plain_loras_needs_no_torch(tmp_path, monkeypatch):
 
     argv = ["lorabox", "merge", str(tmp_path / "base.safetensors"), "--lora", str(plain), "--ratio", "0.8",
             "-o", str(tmp_path / "cli.safetensors"), "--device", "cpu", "--json"]
-    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules)); from lorabox.cli import run; "
-            f"sys.argv = {argv!r}; run()")
+    code = ("import atexit, os, sys\n"
+            "def report():\n    print('torch' in sys.modules, flush=True)\n"
+            "atexit.register(report)\n"  # the usual exit, or `run`'s prompt one (numba is loaded):
+            "exit_now = os._exit\nos._exit = lambda code: (report(), exit_now(code))\n"
+            f"from lorabox.cli import run\nsys.argv = {argv!r}\nrun()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("False")  # torch was not imported

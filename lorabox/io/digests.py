@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .files import cache_dir
+
 PENDING = "?" * 64  # a digest's placeholder in a header written before the file has been read through
 CACHE_MIN_BYTES = 64 << 20  # smaller files hash in well under a second: not worth an entry
 MAX_ENTRIES = 512
@@ -27,11 +29,8 @@ VERSION = 1
 
 
 def cache_file() -> Path | None:
-    env = os.environ.get("LORABOX_CACHE_DIR")
-    if env is not None:
-        return Path(env) / "sha256.json" if env else None
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "lorabox" / "sha256.json"
+    folder = cache_dir()
+    return None if folder is None else folder / "sha256.json"
 
 
 def _key(st: os.stat_result) -> str:

@@ -9,6 +9,15 @@ from pathlib import Path
 from ..errors import InputFileError
 
 
+def cache_dir() -> Path | None:
+    """lorabox's cache folder (remembered digests, compiled loops): `$LORABOX_CACHE_DIR` (an empty value turns
+    caching off: None), else `$XDG_CACHE_HOME/lorabox`, else `~/.cache/lorabox`. Not created here."""
+    env = os.environ.get("LORABOX_CACHE_DIR")
+    if env is not None:
+        return Path(env) if env else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorabox"
+
+
 def temporary_beside(path: Path) -> Path:
     """A new empty file in `path`'s folder, named `.<name>.*.partial` (same filesystem, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)

@@ -22,6 +22,7 @@ once; numba caches it on disk after that).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 
@@ -31,6 +32,7 @@ HALF = {"BF16": 0, "F16": 1}
 SLACK = 1 + 2.0 ** -18  # covers the float32 rounding of the bound's own factors and the float64 definition's error
 _lock = threading.Lock()
 _kernels: dict = {}
+_building: dict = {}  # key -> the lock its build runs under
 
 
 def bounds(up_scaled: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,9 +51,19 @@ def kernel(dtype: str):
     return None if half is None else _once(half, _compile, half)
 
 
+def installed() -> bool:
+    """Whether numba is installed (asked without importing it: 0.2 s)."""
+    return _once("installed", lambda: importlib.util.find_spec("numba") is not None)
+
+
 def _once(key, build, *args):
-    """`build(*args)`, made once per process (under the lock: compute threads may ask together)."""
+    """`build(*args)`, made once per process. Each key has its own lock: compute threads may ask together, and one
+    build (the LLVM loop, on the compile thread) does not hold up another (the numba pass, from the disk cache)."""
     with _lock:
+        if key in _kernels:
+            return _kernels[key]
+        lock = _building.setdefault(key, threading.Lock())
+    with lock:
         if key not in _kernels:
             _kernels[key] = build(*args)
     return _kernels[key]

@@ -186,19 +186,26 @@ class NumpyCompute:
         """Before a merge: `jobs`, the (TensorInfo, output dtype, patches) of each tensor to come, or None when they
         are not known. torch's import starts (on its own thread) if some tensor will run on its kernels; if none
         will, this merge does without it (a tensor whose need was not foreseen would take the numpy path: the
-        definition's bytes, slower). The compiled loop of `_bf16_tile` (0.3 s of LLVM) starts compiling too, on its
-        own thread, for the formats of the 16-bit weights that may take it."""
-        formats = {dtype for info, dtype, patches in jobs or () if patches and info.dtype == dtype
-                   and dtype in ("BF16", "F16") and len(info.shape) > 1 and _single_lora(patches)}
-        if formats and self.bf16_dot:
+        definition's bytes, slower). The certified tiles' compiled code is loaded on a thread of its own too (numba's
+        pass from its disk cache, 0.4 s with numba's import; `_bf16_tile`'s loop, 1 ms from lorabox's cache or 0.7 s
+        of LLVM), for the formats of the 16-bit weights that take them, while the base starts streaming."""
+        formats = {dtype for info, dtype, patches in jobs or () if patches and len(info.shape) > 1
+                   and _single_lora(patches) and self._certifies(info.dtype, dtype, True)}
+        if formats:
             ex = ThreadPoolExecutor(1, thread_name_prefix="lorabox-compile")
-            for dtype in sorted(formats):  # one LLVM module holds both; each has its numba repair pass
-                ex.submit(certified.bf16_tiles, self.bf16_dot, dtype)
+            ex.submit(self._load_kernels, sorted(formats))
             ex.shutdown(wait=False)
         if self.kernels != "auto" or self._torch not in (_LATER, None) or not _torch_installed():
             return
         uses = jobs is None or any(self._uses_torch(*job) for job in jobs)
         self._torch = _start_torch_import() if uses else None
+
+    def _load_kernels(self, formats: list[str]) -> None:
+        for dtype in formats:  # what every such weight runs first
+            certified.kernel(dtype)
+        if self.bf16_dot:
+            for dtype in formats:  # one LLVM module holds both formats; each has its numba repair pass
+                certified.bf16_tiles(self.bf16_dot, dtype)
 
     def _uses_torch(self, info, dtype: str, patches: list) -> bool:
         """Whether `process(info, ..., dtype)` runs on torch's kernels: big casts and float64 tiles, not the small
@@ -208,13 +215,17 @@ class NumpyCompute:
         if info.name.endswith(".bias") or len(info.shape) == 1:
             return False  # a few thousand values: numpy rounds them as torch does
         target, fused = ("F32", True) if dtype in FP8 else (dtype, dtype in FUSED)
-        return not (_single_lora(patches) and self._finisher(info.dtype, target, fused) is not None)
+        return not (_single_lora(patches) and self._certifies(info.dtype, target, fused))
+
+    def _certifies(self, t_dtype: str, dtype: str, fused: bool) -> bool:
+        """Whether a weight of `t_dtype` written as `dtype` takes the certified tiles, asked without loading numba
+        (`_finisher` loads it). Where numba is installed but cannot compile here, such weights take the numpy path."""
+        return (self.certify and fused and t_dtype == dtype and self.kernels != "numpy" and dtype in certified.HALF
+                and certified.installed())
 
     def _finisher(self, t_dtype: str, dtype: str, fused: bool):
         """The compiled pass of the certified tiles for a weight of `t_dtype` written as `dtype`, or None."""
-        if not (self.certify and fused and t_dtype == dtype and self.kernels != "numpy"):
-            return None
-        return certified.kernel(dtype)
+        return certified.kernel(dtype) if self._certifies(t_dtype, dtype, fused) else None
 
     def session(self):
         """Around a whole merge: one worker thread per CPU, kept for the merge, each running BLAS (OpenBLAS, and
@@ -447,7 +458,7 @@ class _Proof:
     def __init__(self, t: Tensor, a, ratio: float, cache: DeltaCache, out: np.ndarray):
         rows = t.shape[0]
         self.down = cache.down(a)
-        self.up = np.array(a.tensors["up"].values().reshape(rows, -1), dtype=np.float64)  # own copy
+        self.up = a.tensors["up"].values().reshape(rows, -1)  # a new float64 array: its own
         factors = multipliers(a.scale, ratio)
         self.s = math.prod(factors)
         self.factors = np.array(factors, dtype=np.float64)

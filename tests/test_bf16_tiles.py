@@ -3,6 +3,8 @@
 (6-row panels and single rows, 64- and 16-column blocks, columns past the last 16 through the float32 GEMM, odd ranks
 padded), with the products formed both ways: AVX512_BF16's pair products where this CPU has them, the FMA twin
 everywhere."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -221,3 +223,34 @@ def test_pair_layout():
     assert not (packed[1] >> 16).any()
     up = np.arange(2 * 3, dtype=np.uint16).reshape(2, 3)
     assert _bf16_tiles.pack_up(up).tolist() == [[0 | 1 << 16, 2], [3 | 4 << 16, 5]]
+
+
+def test_expect_loads_the_kernels_on_its_own_thread(monkeypatch):
+    """`expect` decides that a kept bf16 merge needs no torch without loading numba, and loads the certified tiles'
+    kernels (numba's pass first, then the loop) on its compile thread, while the merging thread goes on."""
+    calls = []
+    real_kernel, real_tiles = certified.kernel, certified.bf16_tiles
+
+    def kernel(dtype):
+        calls.append(("kernel", dtype, threading.current_thread().name))
+        return real_kernel(dtype)
+
+    def tiles(dot, dtype="BF16"):
+        calls.append(("loop", dtype, threading.current_thread().name))
+        return real_tiles(dot, dtype)
+
+    monkeypatch.setattr(certified, "kernel", kernel)
+    monkeypatch.setattr(certified, "bf16_tiles", tiles)
+    w, up, down = _case("F16", 6, 16, 2)
+    a = Adapter("unet", "m", tensors={"up": up, "down": down}, alpha=Tensor.scalar(1.0))
+    info = type("Info", (), {"name": "x.weight", "dtype": "F16", "shape": (6, 16)})
+    c = NumpyCompute(2)
+    c.bf16_dot = "fma"
+    c.expect([(info, "F16", [Patch(a, 0.8, None, 0)])])
+    assert not any(name == threading.current_thread().name for *_, name in calls)
+    for thread in threading.enumerate():
+        if thread.name.startswith("lorabox-compile"):
+            thread.join()
+    assert [(what, dtype) for what, dtype, _ in calls] == [("kernel", "F16"), ("loop", "F16")]
+    assert all(name.startswith("lorabox-compile") for *_, name in calls)
+    assert c.torch is None  # every weight takes the certified tiles

@@ -16,11 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from .files import cache_dir
+from .files import cache_dir, write_cache
 
 PENDING = "?" * 64  # a digest's placeholder in a header written before the file has been read through
 CACHE_MIN_BYTES = 64 << 20  # smaller files hash in well under a second: not worth an entry
@@ -68,21 +67,12 @@ def remember(path, digest: str, before: os.stat_result, after: os.stat_result) -
     cache = cache_file()
     if cache is None or after.st_size < CACHE_MIN_BYTES or _key(before) != _key(after) or _stamp(before) != _stamp(after):
         return
-    tmp = None
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        files = _entries(cache)
-        files[_key(after)] = {"path": str(Path(path).resolve()), "stamp": _stamp(after), "sha256": digest,
-                              "at": time.time()}
-        if len(files) > MAX_ENTRIES:  # keep the newest
-            files = dict(sorted(files.items(), key=lambda kv: kv[1].get("at", 0))[-MAX_ENTRIES:])
-        fd, tmp = tempfile.mkstemp(prefix=".sha256.", suffix=".partial", dir=cache.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": VERSION, "files": files}, f)
-        os.replace(tmp, cache)
-    except OSError:  # a read-only or full home: no cache, the same digests
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    files = _entries(cache)
+    files[_key(after)] = {"path": str(Path(path).resolve()), "stamp": _stamp(after), "sha256": digest,
+                          "at": time.time()}
+    if len(files) > MAX_ENTRIES:  # keep the newest
+        files = dict(sorted(files.items(), key=lambda kv: kv[1].get("at", 0))[-MAX_ENTRIES:])
+    write_cache(cache, json.dumps({"version": VERSION, "files": files}).encode())
 
 
 def file_sha256(path) -> str:

@@ -18,6 +18,20 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorabox"
 
 
+def write_cache(path: Path, data: bytes) -> None:
+    """Replace the cache file `path` with `data` (a temporary file beside it, then rename). A cache that cannot be
+    written (a read-only or full home, a folder that cannot be made) is skipped: it only saves time."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_beside(path)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            discard(tmp)
+
+
 def temporary_beside(path: Path) -> Path:
     """A new empty file in `path`'s folder, named `.<name>.*.partial` (same filesystem, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)

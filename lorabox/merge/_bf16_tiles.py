@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from ..io.files import cache_dir
+from ..io.files import cache_dir, write_cache
 
 FORMATS = ("BF16", "F16")  # the weight's format (bfloat16 or float16; the factors are bfloat16 either way)
 MR, NV = 6, 4  # rows per block, 16-column vectors per block: 24 accumulators of the 32 registers
@@ -163,20 +161,10 @@ def _cached_object(key: str) -> bytes | None:
 
 
 def _store_object(key: str, obj: bytes) -> None:
-    """Keep `obj` for the next process (temporary file, then rename); a cache that cannot be written is skipped."""
+    """Keep `obj`, followed by its sha256, for the next process."""
     path = _object_path(key)
-    if path is None:
-        return
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(obj + hashlib.sha256(obj).digest())
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    if path is not None:
+        write_cache(path, obj + hashlib.sha256(obj).digest())
 
 
 class _Ir:

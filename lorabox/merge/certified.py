@@ -22,6 +22,7 @@ once; numba caches it on disk after that).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import threading
@@ -51,9 +52,10 @@ def kernel(dtype: str):
     return None if half is None else _once(half, _compile, half)
 
 
+@functools.cache
 def installed() -> bool:
     """Whether numba is installed (asked without importing it: 0.2 s)."""
-    return _once("installed", lambda: importlib.util.find_spec("numba") is not None)
+    return importlib.util.find_spec("numba") is not None
 
 
 def _once(key, build, *args):

@@ -182,7 +182,6 @@ def test_machine_code_is_kept_between_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(_bf16_tiles, "_object", lambda *args: compiles.append(1) or real(*args))
 
     def fresh_merge():
-        monkeypatch.setattr(_bf16_tiles, "_compiled", {})
         monkeypatch.setattr(certified, "_kernels", {})
         return _merge(w, up, down, 0.8, "fma")
 

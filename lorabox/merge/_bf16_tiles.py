@@ -29,17 +29,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from ..io.files import cache_dir, write_cache
+from . import certified
 
 FORMATS = ("BF16", "F16")  # the weight's format (bfloat16 or float16; the factors are bfloat16 either way)
 MR, NV = 6, 4  # rows per block, 16-column vectors per block: 24 accumulators of the 32 registers
-_lock = threading.Lock()
-_compiled: dict = {}
 _engines: list = []  # the JIT engines must outlive their functions
 OBJECT_VERSION = 1  # part of the object cache's key: raise it when the cache file's format changes
 _ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -99,10 +97,7 @@ def kernel(dot: str = "bf16", fmt: str = "BF16"):
     the weight's bits at the tile's origin with their row lengths; M: uint16 flag words (cols/16 per row, row length
     ldm); RB, CB: `certified.bounds` for the tile's rows and columns; s: ratio*scale as float32. `cols` must be a
     multiple of 16. None where llvmlite cannot compile it here."""
-    with _lock:
-        if dot not in _compiled:
-            _compiled[dot] = _compile(dot)
-    functions = _compiled[dot]
+    functions = certified._once(("bf16_module", dot), _compile, dot)  # one module holds both formats
     return None if functions is None else functions.get(fmt)
 
 
